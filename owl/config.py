@@ -193,7 +193,9 @@ class OwlConfig:
         }
 
     @classmethod
-    def from_hub_dict(cls, data: dict[str, Any], *, name: str = "custom", layout: Layout | None = None) -> OwlConfig:
+    def from_hub_dict(
+        cls, data: dict[str, Any], *, name: str = "custom", layout: Layout | None = None
+    ) -> OwlConfig:
         """Read a published ``config.json``. Missing sub-config fields take the release's code defaults."""
         if "text_config" not in data:
             raise ConfigError(

@@ -1,0 +1,155 @@
+"""Next-token choice for a batch whose rows each have their own parameters.
+
+The semantics follow transformers' logits processors, in their order: repetition penalty, no
+repeat n-gram, then temperature, top-k, top-p, and greedy or multinomial choice. Each function
+works on (B, V) logits with per-row settings so the serving engine can decode rows with
+different requests in one step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+
+class ParameterError(ValueError):
+    """A generation parameter out of its range; the message names it and the range."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything that shapes one answer. ``max_new_tokens`` counts answer tokens only."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    no_repeat_ngram_size: int = 0  # 0: off
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ParameterError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.do_sample and not self.temperature > 0:
+            raise ParameterError(
+                f"temperature must be above 0 when sampling, got {self.temperature}; turn sampling off for greedy"
+            )
+        if self.temperature < 0:
+            raise ParameterError(f"temperature must not be negative, got {self.temperature}")
+        if self.top_k < 0:
+            raise ParameterError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ParameterError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ParameterError(f"repetition_penalty must be above 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise ParameterError(
+                f"no_repeat_ngram_size must be 0 (off) or positive, got {self.no_repeat_ngram_size}"
+            )
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if any(not s for s in self.stop):
+            raise ParameterError("stop strings must not be empty")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> GenerationParams:
+        """Parameters from transformers-style generate kwargs; unknown names are an error."""
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ParameterError(
+                f"unknown generation parameters: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        if "stop" in kwargs and kwargs["stop"] is not None:
+            stop = kwargs["stop"]
+            kwargs["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, history: Sequence[Sequence[int]], penalties: Sequence[float]
+) -> None:
+    """In place: divide positive and multiply negative logits of already seen tokens."""
+    for row, (seen, penalty) in enumerate(zip(history, penalties, strict=True)):
+        if penalty == 1.0 or not seen:
+            continue
+        index = torch.tensor(sorted(set(seen)), device=logits.device)
+        values = logits[row, index]
+        logits[row, index] = torch.where(values < 0, values * penalty, values / penalty)
+
+
+def apply_no_repeat_ngram(
+    logits: torch.Tensor, history: Sequence[Sequence[int]], sizes: Sequence[int]
+) -> None:
+    """In place: forbid every token that would repeat an n-gram already in the row's history."""
+    for row, (seen, n) in enumerate(zip(history, sizes, strict=True)):
+        if n <= 0 or len(seen) + 1 < n:
+            continue
+        prefix = tuple(seen[len(seen) - n + 1 :]) if n > 1 else ()
+        banned = {seen[i + n - 1] for i in range(len(seen) - n + 1) if tuple(seen[i : i + n - 1]) == prefix}
+        if banned:
+            logits[row, sorted(banned)] = -float("inf")
+
+
+def warp(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
+    """Temperature, top-k and top-p for every row at once; each argument is one value per row."""
+    logits = logits / temperature.unsqueeze(1)
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    kth = torch.topk(logits, int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+    logits = logits.masked_fill(logits < kth, -float("inf"))
+    # Top-p as transformers does it: drop the low tail whose mass is at most 1 - top_p, keep at least one.
+    ordered, order = torch.sort(logits, descending=False, dim=-1)
+    cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+    drop = cumulative <= (1 - top_p).unsqueeze(1)
+    drop[:, -1] = False
+    drop = drop & (top_p < 1).unsqueeze(1)
+    return logits.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+
+
+def choose(
+    logits: torch.Tensor,
+    params: Sequence[GenerationParams],
+    history: Sequence[Sequence[int]],
+    generators: Sequence[torch.Generator | None],
+) -> list[int]:
+    """One token per row of (B, V) logits; ``history`` is each row's tokens so far."""
+    logits = logits.float()
+    apply_repetition_penalty(logits, history, [p.repetition_penalty for p in params])
+    apply_no_repeat_ngram(logits, history, [p.no_repeat_ngram_size for p in params])
+    greedy = logits.argmax(dim=-1)
+    sampled_rows = [row for row, p in enumerate(params) if p.do_sample]
+    if not sampled_rows:
+        return greedy.tolist()
+    rows = torch.tensor(sampled_rows, device=logits.device)
+    chosen = [params[r] for r in sampled_rows]
+    warped = warp(
+        logits[rows],
+        torch.tensor([p.temperature for p in chosen], device=logits.device),
+        torch.tensor([p.top_k for p in chosen], device=logits.device),
+        torch.tensor([p.top_p for p in chosen], device=logits.device),
+    )
+    probs = warped.softmax(dim=-1).cpu()
+    result = greedy.tolist()
+    for i, row in enumerate(sampled_rows):
+        result[row] = int(torch.multinomial(probs[i], 1, generator=generators[row]).item())
+    return result
+
+
+def make_generator(params: GenerationParams) -> torch.Generator | None:
+    """A per-request random stream; seeded requests sample the same answer every time."""
+    if not params.do_sample:
+        return None
+    generator = torch.Generator(device="cpu")
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
