@@ -22,8 +22,17 @@ from __future__ import annotations
 from typing import Any
 
 # transformers generate arguments that do not change the answer of one greedy or sampled beam.
-_IGNORED = {"early_stopping", "length_penalty", "return_dict_in_generate", "output_scores", "use_cache",
-            "pad_token_id", "eos_token_id", "bos_token_id", "num_return_sequences"}
+_IGNORED = {
+    "early_stopping",
+    "length_penalty",
+    "return_dict_in_generate",
+    "output_scores",
+    "use_cache",
+    "pad_token_id",
+    "eos_token_id",
+    "bos_token_id",
+    "num_return_sequences",
+}
 # transformers' GenerationConfig defaults, which the original inherited.
 _TRANSFORMERS_MAX_LENGTH = 20
 _TRANSFORMERS_TOP_K = 50
@@ -43,7 +52,9 @@ def get_model(
     """
     import owl
 
-    loaded = owl.load(checkpoint_path, tokenizer=tokenizer_path, config=config_path, device=device, dtype=dtype)
+    loaded = owl.load(
+        checkpoint_path, tokenizer=tokenizer_path, config=config_path, device=device, dtype=dtype
+    )
     return loaded.model, loaded.tokenizer, loaded.processor
 
 

@@ -1,9 +1,9 @@
 """Owl: chat with the mPLUG-Owl family of multimodal models.
 
-    >>> import owl
-    >>> loaded = owl.load()  # the embedded model; or a .pth, a hub folder, a hub id
-    >>> chat = owl.Conversation().add_user("What colour is the circle?", images=["circle.png"])
-    >>> print(owl.answer(loaded, chat))
+>>> import owl
+>>> loaded = owl.load()  # the embedded model; or a .pth, a hub folder, a hub id
+>>> chat = owl.Conversation().add_user("What colour is the circle?", images=["circle.png"])
+>>> print(owl.answer(loaded, chat))
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def stream(
     from owl.generation import stream_generate
 
     ids, pixels = prepare(loaded, conversation)
-    return stream_generate(loaded.model, loaded.tokenizer, ids, pixels, params or GenerationParams(), cancel=cancel)
+    return stream_generate(
+        loaded.model, loaded.tokenizer, ids, pixels, params or GenerationParams(), cancel=cancel
+    )
 
 
 def answer(loaded: Loaded, conversation: Conversation, params: GenerationParams | None = None) -> str:

@@ -319,6 +319,7 @@ def load_weights(model: OwlModel, weights: list[Path], *, device: torch.device, 
                 continue
             if tuple(tensor.shape) != tuple(target.shape):
                 mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)}, model {tuple(target.shape)}")
+                loaded.add(key)  # present, reported as mismatched rather than missing
                 continue
             value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
             _assign(model, key, value)
@@ -520,7 +521,9 @@ def save_export(model: OwlModel, tokenizer: Any, folder: str | Path) -> Path:
     if source is not None:
         source = Path(source)
         if source.is_file():
-            shutil.copyfile(source, folder / ("tokenizer.model" if source.suffix == ".model" else source.name))
+            shutil.copyfile(
+                source, folder / ("tokenizer.model" if source.suffix == ".model" else source.name)
+            )
         else:
             for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
                 if (source / name).is_file():

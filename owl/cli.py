@@ -20,7 +20,9 @@ from owl.sampling import GenerationParams
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m owl.cli", description="Chat with an mPLUG-Owl model.")
     parser.add_argument("question", nargs="?", help="ask once and exit; omit for an interactive chat")
-    parser.add_argument("--checkpoint", help="a .pth, a folder, a hub id, or random:PRESET (default: embedded model)")
+    parser.add_argument(
+        "--checkpoint", help="a .pth, a folder, a hub id, or random:PRESET (default: embedded model)"
+    )
     parser.add_argument("--tokenizer", help="tokenizer.model, if not beside the checkpoint")
     parser.add_argument("--config", help="a config.json or preset name, if not beside the checkpoint")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -49,7 +51,13 @@ def main(argv: list[str] | None = None) -> int:
             repetition_penalty=args.repetition_penalty,
             seed=args.seed,
         )
-        loaded = owl.load(args.checkpoint, tokenizer=args.tokenizer, config=args.config, device=args.device, dtype=args.dtype)
+        loaded = owl.load(
+            args.checkpoint,
+            tokenizer=args.tokenizer,
+            config=args.config,
+            device=args.device,
+            dtype=args.dtype,
+        )
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,86 @@
+"""Shared fixtures: a SentencePiece tokenizer trained on the spot and tiny random models."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("GRADIO_TEMP_DIR", tempfile.mkdtemp(prefix="owl-gradio-"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from owl.config import DEMO_SYSTEM, README_SYSTEM
+
+CORPUS = [
+    DEMO_SYSTEM,
+    README_SYSTEM,
+    "Human: What colour is the circle?\nAI: Red.",
+    "Human: How many shapes are there?\nAI: Three.",
+    "Human: Explain why this meme is funny.\nAI: Because the cat wears a hat.",
+    "The quick brown fox jumps over the lazy dog 0123456789.",
+    "Numbers like 2048 and 65 appear; so do ümlauts, café and 日本.",
+]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory) -> Path:
+    """A LLaMA-style SentencePiece model (BPE, byte fallback, <unk>/<s>/</s> = 0/1/2), vocab 320."""
+    import sentencepiece as spm
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS * 20))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(folder / "tokenizer"),
+        vocab_size=320,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        character_coverage=1.0,
+        num_threads=1,
+        minloglevel=2,
+    )
+    return folder / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_file):
+    from owl.tokenizer import SentencePieceTokenizer
+
+    return SentencePieceTokenizer(tokenizer_file)
+
+
+def make_tiny(name: str = "tiny", seed: int = 0):
+    """A tiny model with weights large enough that greedy choices are clear-cut."""
+    import torch
+
+    from owl.checkpoint import build_model
+    from owl.config import preset
+    from owl.model import init_weights
+
+    model = build_model(preset(name), device=torch.device("cpu"), dtype=torch.float32)
+    return init_weights(model, seed=seed, std=0.2).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    return make_tiny("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_model, tokenizer):
+    """The tiny model in our export layout, with the test tokenizer."""
+    from owl.checkpoint import save_export
+
+    return save_export(tiny_model, tokenizer, tmp_path_factory.mktemp("export") / "tiny")
