@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from owl.errors import ContextLengthError
 from owl.sampling import GenerationParams, choose, make_generator
-
-
-class ContextLengthError(ValueError):
-    """The prompt does not fit the model's context; the message gives the numbers."""
 
 
 @dataclass
@@ -25,6 +22,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    tokens: list[int] = field(default_factory=list)  # the answer's token ids
 
 
 def check_context(prompt_tokens: int, max_positions: int | None, max_new_tokens: int) -> int:
@@ -43,36 +41,50 @@ def check_context(prompt_tokens: int, max_positions: int | None, max_new_tokens:
 
 
 class TextStream:
-    """Turns tokens into text deltas: cumulative decoding, stop strings held back until decided.
+    """Turns tokens into text deltas; stop strings are held back until decided.
 
-    A delta is released only when it can no longer be the start of a stop string, and never
-    ends inside a multi-byte character (SentencePiece byte tokens decode to U+FFFD until complete).
+    Decoding is incremental: each new token decodes only a short window that starts one
+    token before the last released text (SentencePiece strips the leading space of a
+    string's first piece, so the window is decoded twice from the same start and only the
+    difference is new). A delta never ends inside a multi-byte character, and text that
+    could still turn into a stop string waits until it cannot.
     """
 
     def __init__(self, tokenizer, stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
         self.tokens: list[int] = []
+        self.text = ""
         self.emitted = 0
         self.stopped = False
-        self.text = ""
+        self._prefix = 0  # window start
+        self._read = 0  # tokens already turned into text
 
     def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
         self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        before = self.tokenizer.decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.tokens[self._prefix :], skip_special_tokens=True)
+        if after.endswith("\ufffd"):
+            return ""  # an incomplete character: wait for its remaining bytes
+        self.text += after[len(before) :]
+        self._prefix, self._read = self._read, len(self.tokens)
         for stop in self.stop:
             found = self.text.find(stop)
             if found != -1:
                 self.stopped = True
                 self.text = self.text[:found]
                 return self._release(len(self.text))
-        safe = len(self.text)
-        while safe > self.emitted and self.text[safe - 1] == "\ufffd":
-            safe -= 1
-        return self._release(min(safe, self.emitted + self._stop_free_length(self.text[self.emitted : safe])))
+        return self._release(self.emitted + self._stop_free_length(self.text[self.emitted :]))
 
     def finish(self) -> str:
         """Whatever is still held back, once generation has ended."""
+        if self._read < len(self.tokens) and not self.stopped:
+            tail = self.tokenizer.decode(self.tokens[self._prefix :], skip_special_tokens=True)
+            head = self.tokenizer.decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
+            self.text += tail[len(head) :]
+            self._read = len(self.tokens)
         return self._release(len(self.text))
 
     def _stop_free_length(self, pending: str) -> int:
@@ -147,10 +159,11 @@ def stream_generate(
             stats.finish_reason = "cancelled"
             break
         token = choose(logits, [params], [history], [generator])[0]
-        if token == tokenizer.eos_token_id:
+        if token == tokenizer.eos_token_id and not params.ignore_eos:
             stats.finish_reason = "stop"
             break
         history.append(token)
+        stats.tokens.append(token)
         stats.completion_tokens += 1
         delta = text.push(token)
         if delta:

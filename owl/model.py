@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from owl.errors import PromptError
 from owl.config import IMAGE_TOKEN_ID, AbstractorConfig, OwlConfig, VisionConfig
 
 # norm1, normk and norm2 of the abstractor were built with torch's default eps in both releases.
@@ -299,7 +300,7 @@ class VisualAbstractor(nn.Module):
 # --- the whole model -----------------------------------------------------------------------------
 
 
-class ImageSlotError(ValueError):
+class ImageSlotError(PromptError):
     """The prompt's image slots and the given images do not match."""
 
 

@@ -31,14 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from owl.config import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, IMAGE_TOKEN_ID
 from owl.conversation import ImageSlot, Segment
-
-
-class ImageError(ValueError):
-    """An image that cannot be used; the message says which and why."""
-
-
-class PromptError(ValueError):
-    """A prompt whose image placeholders do not match the images given."""
+from owl.errors import ImageError, ImageTooLarge, PromptError
 
 
 @dataclass(frozen=True)
@@ -165,7 +158,7 @@ def _check_pixels(image: Image.Image, limits: ImageLimits, what: str) -> Image.I
     if width < 1 or height < 1:
         raise ImageError(f"{what} has no pixels ({width}×{height})")
     if width * height > limits.max_pixels:
-        raise ImageError(
+        raise ImageTooLarge(
             f"{what} is {width}×{height} = {width * height / 1e6:.0f} megapixels; "
             f"the limit is {limits.max_pixels / 1e6:.0f} megapixels"
         )
@@ -252,7 +245,7 @@ def fetch_url(url: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
             for chunk in response.iter_content(64 * 1024):
                 body += chunk
                 if len(body) > limits.max_bytes:
-                    raise ImageError(f"{_short(url)} is larger than {limits.max_bytes / 2**20:.0f} MiB")
+                    raise ImageTooLarge(f"{_short(url)} is larger than {limits.max_bytes / 2**20:.0f} MiB")
             return bytes(body)
     raise ImageError(f"{_short(url)} redirected more than {limits.max_redirects} times")
 

@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-
-class ParameterError(ValueError):
-    """A generation parameter out of its range; the message names it and the range."""
+from owl.errors import ParameterError
 
 
 @dataclass(frozen=True)
@@ -31,6 +29,8 @@ class GenerationParams:
     no_repeat_ngram_size: int = 0  # 0: off
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    # Benchmarks only: keep generating past the end-of-sequence token.
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:

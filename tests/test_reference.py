@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from owl.checkpoint import detect_layout, load_config, load_weights, read_keys, resolve
-from owl.generation import stream_generate
+from owl.generation import GenerationStats, stream_generate
 from owl.model import OwlModel
 from owl.sampling import GenerationParams
 from owl.tokenizer import ByteTokenizer
@@ -28,18 +28,6 @@ def release(request):
         model = OwlModel(config)
     load_weights(model, resolved.weights, device=torch.device("cpu"), dtype=torch.float32)
     return request.param, model.eval(), load_file(str(FIXTURES / request.param / "cases.safetensors"))
-
-
-class RecordingTokenizer(ByteTokenizer):
-    """Keeps the ids it is asked to decode, so a test can read the generated tokens."""
-
-    def __init__(self, vocab_size):
-        super().__init__(vocab_size)
-        self.ids: list[int] = []
-
-    def decode(self, ids, skip_special_tokens=True):
-        self.ids = list(ids)
-        return super().decode(ids, skip_special_tokens)
 
 
 def test_layout_is_recognised_from_the_keys(release):
@@ -69,16 +57,11 @@ def test_vision_abstractor_and_logits_match(release, case):
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_tokens_match_token_for_token(release, case):
     _, model, cases = release
-    tokenizer = RecordingTokenizer(model.config.vocab_size)
     expected = cases[f"{case}.generated"][0].tolist()
     assert expected[0] == 1  # the original output starts with a synthetic BOS
-    list(
-        stream_generate(
-            model,
-            tokenizer,
-            cases[f"{case}.input_ids"][0].tolist(),
-            cases.get(f"{case}.pixel_values"),
-            GenerationParams(max_new_tokens=len(expected) - 1),
-        )
-    )
-    assert tokenizer.ids == expected[1:]
+    stats = GenerationStats()
+    params = GenerationParams(max_new_tokens=len(expected) - 1)
+    prompt = cases[f"{case}.input_ids"][0].tolist()
+    tokenizer = ByteTokenizer(model.config.vocab_size)
+    list(stream_generate(model, tokenizer, prompt, cases.get(f"{case}.pixel_values"), params, stats=stats))
+    assert stats.tokens == expected[1:]
