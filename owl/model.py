@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from owl.errors import PromptError
 from owl.config import IMAGE_TOKEN_ID, AbstractorConfig, OwlConfig, VisionConfig
+from owl.errors import PromptError
 
 # norm1, normk and norm2 of the abstractor were built with torch's default eps in both releases.
 _ABSTRACTOR_NORM_EPS = 1e-5
