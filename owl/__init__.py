@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from owl.config import DEMO_SYSTEM, PRESETS, OwlConfig, preset
 from owl.conversation import Conversation, render_prompt
-from owl.sampling import GenerationParams
+from owl.params import GenerationParams
 
 if TYPE_CHECKING:
     import threading

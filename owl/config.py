@@ -292,6 +292,31 @@ _TINY_ABSTRACTOR = AbstractorConfig(
 )
 
 PRESETS: dict[str, OwlConfig] = {
+    # The embedded model (models/owl-tiny): the same architecture at about 6M parameters.
+    "owl-tiny": OwlConfig(
+        name="owl-tiny",
+        layout="hub",
+        vision=VisionConfig(
+            hidden_size=160, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4, image_size=112
+        ),
+        abstractor=AbstractorConfig(
+            hidden_size=160,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=432,
+            encoder_hidden_size=160,
+        ),
+        text={
+            **TINY_TEXT,
+            "vocab_size": 1000,
+            "hidden_size": 256,
+            "intermediate_size": 704,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "max_position_embeddings": 512,
+        },
+        num_query_tokens=16,
+    ),
     # HuggingFace release: MAGAer13/mplug-owl-llama-7b, -pt, -ft.
     "mplug-owl-llama-7b": OwlConfig(name="mplug-owl-llama-7b", layout="hub"),
     # First release: a single .pth (pretrained.pth / instruction_tuned.pth), 8 heads, bias_k/bias_v.

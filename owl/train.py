@@ -1,0 +1,590 @@
+"""Training: mPLUG-Owl's instruction-tuning recipe, for the real checkpoints and the embedded model.
+
+    # fine-tune a released checkpoint on data in the original jsonl format (LoRA, on a GPU)
+    python -m owl.train --init MAGAer13/mplug-owl-llama-7b-pt --data train.jsonl --eval-data dev.jsonl \\
+        --stage lora --lr 2e-5 --batch-size 4 --epochs 3 --out runs/owl-lora
+
+    # the embedded model, from scratch on synthetic scenes (see models/owl-tiny/README.md)
+    python -m owl.train --recipe tiny --out runs/owl-tiny
+
+The recipe (spec B.6): the loss covers answer tokens and the end-of-sequence token after each
+answer, nothing else (system line, questions and image slots are context). Stages freeze what
+the release froze: ``instruct`` trains the language model with vision and abstractor frozen,
+``lora`` trains LoRA adapters on the language model's q/v projections (through ``peft``),
+``pretrain`` trains vision and abstractor with the language model frozen, ``all`` trains
+everything (a model from scratch). Data lines are ``{"text", "image", "task_type"}``; image
+paths are relative to the jsonl's folder or absolute.
+
+Every ``--eval-every`` steps the held-out loss is printed, and every ``--save-every`` steps a
+checkpoint (our export layout plus optimizer state, read back with ``weights_only``) lets
+``--resume`` continue exactly where training stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import random
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from owl.config import IMAGE_TOKEN, IMAGE_TOKEN_ID, OwlConfig
+from owl.processing import ImageProcessor, load_image, split_prompt
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+_TURN_DELIMITERS = re.compile(f"({re.escape(IMAGE_TOKEN)}|AI: |\nHuman: )")
+
+
+# --- tokenisation with the answer mask -----------------------------------------------------------
+
+
+def tokenize_recipe(text: str, tokenizer, num_image_tokens: int, max_len: int) -> tuple[list[int], list[int]]:
+    """The release's training tokenisation: split at ``<image>``, ``AI: `` and ``\\nHuman: ``.
+
+    Each piece is encoded on its own; the piece after ``AI: `` is an answer, supervised with an
+    end-of-sequence token appended. Returns ids and labels (``IGNORE`` outside answers),
+    truncated to ``max_len`` (an image that would not fit ends the sample).
+    """
+    ids, labels = [tokenizer.bos_token_id], [IGNORE]
+    pieces = [p for p in _TURN_DELIMITERS.split(text) if p]
+    for i, piece in enumerate(pieces):
+        if piece == IMAGE_TOKEN:
+            if len(ids) + num_image_tokens > max_len:
+                break
+            ids += [IMAGE_TOKEN_ID] * num_image_tokens
+            labels += [IGNORE] * num_image_tokens
+            continue
+        tokens = tokenizer.encode(piece)
+        answer = i > 0 and pieces[i - 1] == "AI: "
+        if answer:
+            tokens = [*tokens, tokenizer.eos_token_id]
+        ids += tokens
+        labels += tokens if answer else [IGNORE] * len(tokens)
+        if len(ids) >= max_len:
+            break
+    return ids[:max_len], labels[:max_len]
+
+
+def tokenize_as_prompted(
+    text: str, tokenizer, num_image_tokens: int, max_len: int
+) -> tuple[list[int], list[int]]:
+    """Tokens exactly as the chat builds them at inference, answers supervised.
+
+    The conversation up to the last ``AI: `` is encoded as a prompt is (split only at
+    ``<image>``, so earlier answers are tokenised as they appear in a chat history); the last
+    answer is encoded on its own, as the model generates it after the prompt's trailing space,
+    followed by the end-of-sequence token. Every answer's tokens are supervised.
+    """
+    cut = text.rfind("AI: ")
+    if cut == -1:
+        raise ValueError("a training text needs at least one answer after 'AI: '")
+    prompt, answer = text[: cut + len("AI: ")], text[cut + len("AI: ") :]
+    ids, labels = [tokenizer.bos_token_id], [IGNORE]
+    for segment in split_prompt(prompt):
+        if not isinstance(segment, str):
+            if len(ids) + num_image_tokens > max_len:
+                return ids, labels  # an image that does not fit ends the sample
+            ids += [IMAGE_TOKEN_ID] * num_image_tokens
+            labels += [IGNORE] * num_image_tokens
+            continue
+        spans = _answer_spans(segment)
+        for token, start, end in _pieces_with_offsets(tokenizer, segment):
+            ids.append(token)
+            inside = any(max(start, s) < min(end, e) for s, e in spans)
+            labels.append(token if inside else IGNORE)
+    tail = [*tokenizer.encode(answer), tokenizer.eos_token_id]
+    ids += tail
+    labels += tail
+    return ids[:max_len], labels[:max_len]
+
+
+def _answer_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of the answers in a text chunk: after ``AI: `` up to the next ``\nHuman: ``."""
+    spans = []
+    for match in re.finditer(r"AI: ", text):
+        start = match.end()
+        end = text.find("\nHuman: ", start)
+        spans.append((start, len(text) if end == -1 else end))
+    return spans
+
+
+def _pieces_with_offsets(tokenizer, text: str) -> list[tuple[int, int, int]]:
+    """(id, start, end) of every SentencePiece piece, offsets in characters of ``text``."""
+    proto = tokenizer.sp.encode(text, return_type="proto")
+    raw = text.encode("utf-8")
+    return [
+        (
+            piece.id,
+            len(raw[: piece.begin].decode("utf-8", errors="ignore")),
+            len(raw[: piece.end].decode("utf-8", errors="ignore")),
+        )
+        for piece in proto.pieces
+    ]
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+class JsonlData:
+    """The original jsonl format: ``text`` in the template, ``image`` paths, ``task_type``."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        if not self.rows:
+            raise ValueError(f"{self.path} holds no examples")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[str, list[Image.Image]]:
+        row = self.rows[index % len(self.rows)]
+        images = row.get("image") or []
+        if isinstance(images, str):
+            images = [images]
+        loaded = [load_image(p if Path(p).is_absolute() else str(self.path.parent / p)) for p in images]
+        return row["text"], loaded
+
+
+class SyntheticData:
+    """Endless synthetic scenes and dialogues, example ``i`` a pure function of (seed, i)."""
+
+    def __init__(self, seed: int, split: str = "train"):
+        self.seed, self.split = seed, split
+
+    def __len__(self) -> int:
+        return 10**9
+
+    def __getitem__(self, index: int) -> tuple[str, list[Image.Image]]:
+        from owl.data.build import make_example
+
+        example = make_example(self.seed, index, split=self.split)
+        return example.text, list(example.images)
+
+
+class RecipeAugment:
+    """The release's training transform: random resized crop (scale 0.5-1, bicubic) and a flip."""
+
+    def __init__(self, processor: ImageProcessor, rng: random.Random):
+        self.processor, self.rng = processor, rng
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        width, height = image.size
+        for _ in range(10):
+            area = width * height * self.rng.uniform(0.5, 1.0)
+            ratio = math.exp(self.rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                left, top = self.rng.randint(0, width - w), self.rng.randint(0, height - h)
+                image = image.crop((left, top, left + w, top + h))
+                break
+        if self.rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return self.processor.pixels(image)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    answer_tokens: int
+
+
+def make_batch(samples, tokenizer, config: OwlConfig, max_len: int, to_pixels, tokenize) -> Batch:
+    rows, pixels = [], []
+    for text, images in samples:
+        ids, labels = tokenize(text, tokenizer, config.num_image_tokens, max_len)
+        kept = ids.count(IMAGE_TOKEN_ID) // config.num_image_tokens  # images that survived truncation
+        pixels += [to_pixels(image) for image in images[:kept]]
+        rows.append((ids, labels))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, (ids, labs) in enumerate(rows):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        labels[r, : len(labs)] = torch.tensor(labs)
+        mask[r, : len(ids)] = 1
+    size = config.vision.image_size
+    stacked = torch.stack(pixels) if pixels else torch.empty(0, 3, size, size)
+    return Batch(input_ids, labels, mask, stacked, int((labels != IGNORE).sum()))
+
+
+# --- what trains ---------------------------------------------------------------------------------
+
+STAGES = ("all", "pretrain", "instruct", "lora")
+
+
+def set_stage(model, stage: str, *, lora_r: int = 8, lora_alpha: int = 32, lora_dropout: float = 0.05):
+    """Freeze what the recipe freezes; returns the model (wrapped with LoRA adapters for ``lora``)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}")
+    for name, param in model.named_parameters():
+        if stage == "all":
+            param.requires_grad_(True)
+        elif stage == "pretrain":
+            param.requires_grad_(not name.startswith("language_model."))
+        elif stage == "instruct":
+            param.requires_grad_(name.startswith("language_model."))
+        else:
+            param.requires_grad_(False)
+    if stage == "lora":
+        try:
+            from peft import LoraConfig, inject_adapter_in_model
+        except ImportError as err:
+            raise RuntimeError("--stage lora needs peft: pip install peft") from err
+        config = LoraConfig(
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=r"language_model\..*\.(q_proj|v_proj)",
+        )
+        model = inject_adapter_in_model(config, model)
+    return model
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainSettings:
+    out: Path
+    init: str | None = None  # checkpoint to start from
+    config: str | None = None  # preset or config.json for a model from scratch
+    tokenizer: str | None = None
+    data: str | None = None  # jsonl, or "synthetic"
+    eval_data: str | None = None
+    stage: str = "instruct"
+    tokenization: str = "recipe"  # or "prompt"
+    augment: str = "recipe"  # or "none"
+    steps: int = 1000
+    epochs: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.0
+    warmup: int = 50
+    weight_decay: float = 1e-4
+    clip: float = 1.0
+    max_len: int = 2048
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 500
+    seed: int = 42
+    data_seed: int = 0
+    device: str | None = None
+    dtype: str | None = None
+    threads: int | None = None
+    max_minutes: float | None = None
+    resume: bool = False
+    lora_r: int = 8
+
+
+def build_start(settings: TrainSettings):
+    """The model, tokenizer and processor to train from: a checkpoint, or a config from scratch."""
+    from owl.checkpoint import build_model, default_device, parse_dtype
+    from owl.config import PRESETS, preset
+    from owl.model import init_weights
+    from owl.tokenizer import load_tokenizer
+
+    device = torch.device(settings.device) if settings.device else default_device()
+    if settings.init:
+        from owl.checkpoint import load
+
+        loaded = load(
+            settings.init,
+            tokenizer=settings.tokenizer,
+            device=device,
+            dtype=settings.dtype or ("bfloat16" if device.type == "cuda" else "float32"),
+        )
+        return loaded.model, loaded.tokenizer, loaded.processor, device
+    if settings.config is None:
+        raise ValueError("without --init, pass --config (a preset or config.json)")
+    config = (
+        preset(settings.config) if settings.config in PRESETS else OwlConfig.from_json_file(settings.config)
+    )
+    tokenizer = load_tokenizer(settings.tokenizer or _synthetic_tokenizer(settings, config.vocab_size))
+    if len(tokenizer) != config.vocab_size:
+        config = config.replace(text={**config.text, "vocab_size": len(tokenizer)})
+    model = build_model(config, device=device, dtype=parse_dtype(settings.dtype, device), seed=settings.seed)
+    init_weights(model, seed=settings.seed, std=0.02)
+    processor = ImageProcessor(config.vision.image_size)
+    return model, tokenizer, processor, device
+
+
+def _synthetic_tokenizer(settings: TrainSettings, vocab_size: int) -> Path:
+    """Train the tokenizer on the synthetic conversations (seconds), as the first step of the tiny recipe."""
+    if settings.data not in (None, "synthetic"):
+        raise ValueError("training from scratch on your own data needs --tokenizer")
+    from owl.data.tokenizer import train_tokenizer
+
+    path = Path(settings.out) / "tokenizer.model"
+    if not path.is_file():
+        from owl.data.build import plan_example
+        from owl.data.dialogues import render_text
+
+        texts = (render_text(plan_example(settings.data_seed, i).dialogue) for i in range(5000))
+        train_tokenizer(texts, path, vocab_size=vocab_size)
+    return path
+
+
+def train(settings: TrainSettings) -> Path:
+    from tqdm import tqdm
+
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_file = out / "training_state.pt"
+    if settings.resume and state_file.is_file():
+        settings = dataclasses.replace(settings, init=str(out / "latest"))
+    model, tokenizer, processor, device = build_start(settings)
+    model = set_stage(model, settings.stage, lora_r=settings.lora_r)
+    model.train()
+    params = trainable_parameters(model)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
+        betas=(0.9, 0.98),
+    )
+    data = (
+        SyntheticData(settings.data_seed)
+        if settings.data in (None, "synthetic")
+        else JsonlData(settings.data)
+    )
+    eval_data = (
+        SyntheticData(settings.data_seed + 1, split="eval")
+        if settings.data in (None, "synthetic")
+        else (JsonlData(settings.eval_data) if settings.eval_data else None)
+    )
+    steps = settings.steps
+    if settings.epochs is not None and settings.data not in (None, "synthetic"):
+        steps = math.ceil(settings.epochs * len(data) / (settings.batch_size * settings.grad_accum))
+    schedule = _schedule(settings, steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    start_step = 0
+    if settings.resume and state_file.is_file():
+        state = torch.load(state_file, weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed at step %d", start_step)
+    rng = random.Random(settings.seed + start_step)
+    to_pixels = RecipeAugment(processor, rng) if settings.augment == "recipe" else processor.pixels
+    tokenize = tokenize_recipe if settings.tokenization == "recipe" else tokenize_as_prompted
+    config = model.config
+    per_step = settings.batch_size * settings.grad_accum
+    started = time.monotonic()
+    progress = tqdm(
+        range(start_step, steps), initial=start_step, total=steps, desc="training", file=sys.stderr
+    )
+    losses: list[float] = []
+    for step in progress:
+        optimizer.zero_grad(set_to_none=True)
+        for micro in range(settings.grad_accum):
+            first = step * per_step + micro * settings.batch_size
+            samples = [data[i] for i in range(first, first + settings.batch_size)]
+            batch = make_batch(samples, tokenizer, config, settings.max_len, to_pixels, tokenize)
+            loss = _loss(model, batch, device) / settings.grad_accum
+            loss.backward()
+            losses.append(float(loss) * settings.grad_accum)
+        torch.nn.utils.clip_grad_norm_(params, settings.clip)
+        optimizer.step()
+        scheduler.step()
+        done = step + 1
+        progress.set_postfix(
+            loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}"
+        )
+        if eval_data is not None and (done % settings.eval_every == 0 or done == steps):
+            eval_loss = evaluate_loss(model, eval_data, settings, tokenizer, processor, tokenize, device)
+            tqdm.write(
+                f"step {done}: train loss {sum(losses[-50:]) / len(losses[-50:]):.4f}, eval loss {eval_loss:.4f}",
+                file=sys.stderr,
+            )
+        out_of_time = (
+            settings.max_minutes is not None and time.monotonic() - started > settings.max_minutes * 60
+        )
+        if done % settings.save_every == 0 or done == steps or out_of_time:
+            _save(model, tokenizer, optimizer, scheduler, done, out, settings)
+        if out_of_time:
+            tqdm.write(
+                f"stopping at step {done}: the time budget of {settings.max_minutes} minutes is spent",
+                file=sys.stderr,
+            )
+            break
+    model.eval()
+    final = out / "final"
+    _export(model, tokenizer, final, settings)
+    return final
+
+
+def _schedule(settings: TrainSettings, steps: int):
+    def factor(step: int) -> float:
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        progress = (step - settings.warmup) / max(1, steps - settings.warmup)
+        return settings.min_lr_ratio + (1 - settings.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * min(1.0, progress))
+        )
+
+    return factor
+
+
+def _loss(model, batch: Batch, device) -> torch.Tensor:
+    out = model(
+        batch.input_ids.to(device),
+        batch.pixel_values.to(device) if batch.pixel_values.numel() else None,
+        attention_mask=batch.attention_mask.to(device),
+        labels=batch.labels.to(device),
+    )
+    return out.loss
+
+
+@torch.no_grad()
+def evaluate_loss(model, data, settings: TrainSettings, tokenizer, processor, tokenize, device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for b in range(settings.eval_batches):
+        samples = [data[b * settings.batch_size + i] for i in range(settings.batch_size)]
+        batch = make_batch(samples, tokenizer, model.config, settings.max_len, processor.pixels, tokenize)
+        total += float(_loss(model, batch, device)) * batch.answer_tokens
+        count += batch.answer_tokens
+    model.train()
+    return total / max(count, 1)
+
+
+def _export(model, tokenizer, folder: Path, settings: TrainSettings) -> None:
+    from owl.checkpoint import save_export
+
+    if settings.stage == "lora":
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+        save_file(adapter, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(
+            json.dumps(
+                {"r": settings.lora_r, "target_modules": "q_proj|v_proj", "base": settings.init}, indent=2
+            )
+        )
+        return
+    save_export(model, tokenizer, folder)
+
+
+def _save(model, tokenizer, optimizer, scheduler, step: int, out: Path, settings: TrainSettings) -> None:
+    _export(model, tokenizer, out / "latest", settings)
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "step": step,
+        "torch_rng": torch.get_rng_state(),
+    }
+    tmp = out / "training_state.pt.tmp"
+    torch.save(state, tmp)
+    tmp.replace(out / "training_state.pt")
+
+
+# --- command line --------------------------------------------------------------------------------
+
+# The embedded model's recipe: everything trains from scratch on synthetic scenes, tokens as prompted.
+TINY_RECIPE = {
+    "config": "owl-tiny",
+    "data": "synthetic",
+    "stage": "all",
+    "tokenization": "prompt",
+    "augment": "none",
+    "steps": 3000,
+    "batch_size": 16,
+    "lr": 1.5e-3,
+    "min_lr_ratio": 0.05,
+    "warmup": 100,
+    "weight_decay": 0.01,
+    "max_len": 512,
+    "eval_every": 250,
+    "save_every": 250,
+    "seed": 0,
+    "data_seed": 0,
+    "device": "cpu",
+    "dtype": "float32",
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
+    parser = argparse.ArgumentParser(prog="python -m owl.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="folder for checkpoints and the final model")
+    parser.add_argument("--recipe", choices=["tiny"], help="a complete recipe (the embedded model)")
+    parser.add_argument("--init", help="checkpoint to start from (path or hub id)")
+    parser.add_argument("--config", help="preset or config.json, to train from scratch")
+    parser.add_argument("--tokenizer", help="tokenizer.model (from scratch, or if not beside --init)")
+    parser.add_argument("--data", help="training jsonl in the original format, or 'synthetic'")
+    parser.add_argument("--eval-data", help="held-out jsonl")
+    parser.add_argument("--stage", choices=STAGES)
+    parser.add_argument(
+        "--tokenization",
+        choices=["recipe", "prompt"],
+        help="recipe: split at turn delimiters as the release trained; prompt: as chat prompts are built",
+    )
+    parser.add_argument("--augment", choices=["recipe", "none"], help="recipe: random resized crop and flip")
+    for name, kind in [
+        ("steps", int),
+        ("epochs", float),
+        ("batch-size", int),
+        ("grad-accum", int),
+        ("lr", float),
+        ("warmup", int),
+        ("weight-decay", float),
+        ("max-len", int),
+        ("eval-every", int),
+        ("save-every", int),
+        ("seed", int),
+        ("data-seed", int),
+        ("threads", int),
+        ("max-minutes", float),
+        ("lora-r", int),
+    ]:
+        parser.add_argument(f"--{name}", type=kind)
+    parser.add_argument("--device")
+    parser.add_argument("--dtype")
+    parser.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
+    args = vars(parser.parse_args(argv))
+    recipe = dict(TINY_RECIPE) if args.pop("recipe") == "tiny" else {}
+    values = {**recipe, **{k: v for k, v in args.items() if v is not None}}
+    values["out"] = Path(values["out"])
+    return TrainSettings(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings = parse_args(argv)
+    final = train(settings)
+    print(f"saved {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

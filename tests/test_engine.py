@@ -1,0 +1,203 @@
+"""The serving engine: stop, queue limits, batching that changes nothing, failures that stay local."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from owl.checkpoint import Loaded
+from owl.engine import Engine, EngineSettings
+from owl.errors import OutOfMemory, QueueFullError, RequestFailed, RequestTimeout, WorkerUnavailable
+from owl.generation import GenerationStats, stream_generate
+from owl.processing import ImageProcessor, encode_prompt
+from owl.sampling import GenerationParams
+from owl.tokenizer import ByteTokenizer
+
+LONG = GenerationParams(max_new_tokens=200, ignore_eos=True)
+SHORT = GenerationParams(max_new_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    return Loaded(
+        model=tiny_model,
+        tokenizer=ByteTokenizer(320),
+        processor=ImageProcessor(56),
+        config=tiny_model.config,
+        name="tiny",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+
+
+def request(loaded, seed: int, images: int = 1):
+    ids = encode_prompt(
+        "Human: " + "<image>" * images + f"\nHuman: question {seed}\nAI: ", loaded.tokenizer, 9
+    )
+    pixels = torch.randn(images, 3, 56, 56, generator=torch.Generator().manual_seed(seed)) if images else None
+    return ids, pixels
+
+
+def alone(loaded, ids, pixels, params) -> list[int]:
+    stats = GenerationStats()
+    list(stream_generate(loaded.model, loaded.tokenizer, ids, pixels, params, stats=stats))
+    return stats.tokens
+
+
+def test_stop_ends_generation_within_one_step_and_frees_the_slot(loaded):
+    with Engine(loaded, EngineSettings(max_batch=1, queue_size=4)) as engine:
+        first = engine.submit(*request(loaded, 1), LONG)
+        second = engine.submit(*request(loaded, 2), SHORT)
+        stream = iter(first)
+        for _ in range(3):
+            next(stream)
+        at_cancel = first.stats.completion_tokens
+        first.cancel()
+        assert list(stream) == [] or first.stats.completion_tokens <= at_cancel + 1
+        assert first.done.wait(5) and first.stats.finish_reason == "cancelled"
+        assert first.stats.completion_tokens <= at_cancel + 1
+        assert second.text()  # the waiting request got the slot and finished
+        assert second.stats.started >= first.stats.finished
+        assert engine.status()["requests_cancelled"] == 1
+
+
+def test_closing_the_stream_cancels_the_request(loaded):
+    with Engine(loaded, EngineSettings(max_batch=2)) as engine:
+        handle = engine.submit(*request(loaded, 3), LONG)
+        stream = iter(handle)
+        next(stream)
+        stream.close()  # what a web framework does when the client disconnects
+        assert handle.done.wait(5)
+        assert handle.stats.finish_reason == "cancelled" and handle.stats.completion_tokens < 200
+
+
+def test_full_queue_answers_at_once_with_the_queue_length(loaded):
+    with Engine(loaded, EngineSettings(max_batch=1, queue_size=2)) as engine:
+        handles = [engine.submit(*request(loaded, 10), LONG)]
+        while handles[0].stats.started is None:
+            threading.Event().wait(0.01)
+        handles += [engine.submit(*request(loaded, i), LONG) for i in (11, 12)]
+        with pytest.raises(QueueFullError, match="2 requests are already waiting"):
+            engine.submit(*request(loaded, 13), LONG)
+        assert handles[2].position() == 2
+        for handle in handles:
+            handle.cancel()
+        assert engine.status()["requests_failed"] == {"queue_full": 1}
+
+
+def test_batched_greedy_answers_equal_the_same_requests_alone(loaded):
+    requests = [request(loaded, seed, images=seed % 3) for seed in range(7)]
+    params = GenerationParams(max_new_tokens=30, ignore_eos=True)
+    expected = [alone(loaded, ids, pixels, params) for ids, pixels in requests]
+    with Engine(loaded, EngineSettings(max_batch=4, queue_size=8)) as engine:
+        handles = [engine.submit(ids, pixels, params) for ids, pixels in requests]
+        for handle in handles:
+            handle.text()
+    assert [h.stats.tokens for h in handles] == expected
+
+
+def test_fixed_shape_decode_steps_match(loaded):
+    """The path that becomes CUDA graphs on a GPU (padded batch, bucketed span) gives the same tokens."""
+    requests = [request(loaded, seed) for seed in range(3)]
+    params = GenerationParams(max_new_tokens=20, ignore_eos=True)
+    expected = [alone(loaded, ids, pixels, params) for ids, pixels in requests]
+    with Engine(loaded, EngineSettings(max_batch=4, static_decode=True)) as engine:
+        handles = [engine.submit(ids, pixels, params) for ids, pixels in requests]
+        texts = [h.text() for h in handles]
+        assert engine._graphs is not None and engine._graphs.graphs
+    assert [h.stats.tokens for h in handles] == expected and all(texts)
+
+
+def test_an_exception_in_one_request_fails_only_that_request(loaded):
+    def fault(handle, phase):
+        if handle.id == "req-1" and phase == "token" and handle.stats.completion_tokens == 3:
+            raise RuntimeError("injected fault")
+
+    ids, pixels = request(loaded, 5)
+    with Engine(loaded, EngineSettings(max_batch=4), fault_hook=fault) as engine:
+        broken = engine.submit(*request(loaded, 4), SHORT)
+        healthy = engine.submit(ids, pixels, SHORT)
+        with pytest.raises(RequestFailed, match="RuntimeError: injected fault"):
+            broken.text()
+        healthy.text()
+    assert healthy.stats.tokens == alone(loaded, ids, pixels, SHORT)
+
+
+def test_out_of_memory_fails_that_request_with_its_own_message(loaded):
+    def fault(handle, phase):
+        if handle.id == "req-2" and phase == "prefill":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    ids, pixels = request(loaded, 7)
+    with Engine(loaded, EngineSettings(max_batch=4), fault_hook=fault) as engine:
+        healthy = engine.submit(ids, pixels, SHORT)
+        starved = engine.submit(*request(loaded, 8, images=2), SHORT)
+        with pytest.raises(OutOfMemory, match="ran out of memory for this request"):
+            starved.text()
+        healthy.text()
+        after = engine.submit(*request(loaded, 9), SHORT)  # the worker goes on
+        assert after.text()
+        assert engine.status()["requests_failed"] == {"out_of_memory": 1}
+    assert healthy.stats.tokens == alone(loaded, ids, pixels, SHORT)
+
+
+class _Crash(BaseException):
+    """Something the per-request guards do not catch: it takes the worker thread down."""
+
+
+def test_a_dead_worker_fails_pending_requests_and_is_replaced(loaded):
+    crashed = threading.Event()
+
+    def fault(handle, phase):
+        if handle.id == "req-1" and phase == "token" and not crashed.is_set():
+            crashed.set()
+            raise _Crash("worker killed")
+
+    with Engine(loaded, EngineSettings(max_batch=1, queue_size=4), fault_hook=fault) as engine:
+        doomed = engine.submit(*request(loaded, 1), LONG)
+        waiting = engine.submit(*request(loaded, 2), LONG)
+        for handle in (doomed, waiting):
+            with pytest.raises(WorkerUnavailable, match="the model worker failed"):
+                handle.text()
+        for _ in range(100):
+            if engine.alive:
+                break
+            threading.Event().wait(0.05)
+        assert engine.status()["worker_restarts"] == 1
+        assert engine.submit(*request(loaded, 3), SHORT).text()
+
+
+def test_requests_over_their_time_limit_are_stopped(loaded):
+    with Engine(loaded, EngineSettings(max_batch=2, request_timeout_s=0.2)) as engine:
+        slow = engine.submit(*request(loaded, 2), GenerationParams(max_new_tokens=250, ignore_eos=True))
+        with pytest.raises(RequestTimeout, match="longer than 0.2 s"):
+            slow.text()
+        assert slow.stats.completion_tokens < 250
+
+
+def test_async_iteration_streams_deltas(loaded):
+    async def consume(engine):
+        handle = engine.submit(*request(loaded, 6), SHORT)
+        return [delta async for delta in handle], handle
+
+    with Engine(loaded) as engine:
+        deltas, handle = asyncio.run(consume(engine))
+    assert len(deltas) > 1 and handle.stats.finish_reason == "length"
+
+
+def test_status_counts_work(loaded):
+    with Engine(loaded, EngineSettings(max_batch=2)) as engine:
+        for seed in range(3):
+            engine.submit(*request(loaded, seed), SHORT).text()
+        status = engine.status()
+    assert status["requests_completed"] == 3
+    assert status["tokens_generated"] == 36
+    assert status["ttft_p50_s"] is not None and status["queue_depth"] == 0
+
+
+def test_prompt_too_long_is_refused_before_queueing(loaded):
+    with Engine(loaded) as engine, pytest.raises(ValueError, match="the prompt is 400 tokens"):
+        engine.submit([1] * 400, None, SHORT)
