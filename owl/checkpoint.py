@@ -382,9 +382,14 @@ def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
 
 
 def build_model(config: OwlConfig, *, device: torch.device, dtype: torch.dtype, seed: int = 0) -> OwlModel:
-    """A model with random weights (``init_weights``), built directly on ``device``."""
-    with torch.device("cpu"):
-        model = OwlModel(config)
+    """A model with random weights (``init_weights``), built directly on ``device`` in ``dtype``."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype if dtype.is_floating_point else previous)
+    try:
+        with torch.device(device):
+            model = OwlModel(config)
+    finally:
+        torch.set_default_dtype(previous)
     init_weights(model, seed=seed)
     return model.to(device=device, dtype=dtype).eval()
 

@@ -70,6 +70,7 @@ class RequestStats:
     first_token: float | None = None
     finished: float | None = None
     tokens: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # when each token was produced
 
     @property
     def ttft_s(self) -> float | None:
@@ -363,23 +364,29 @@ class Engine:
             self._run()
         except BaseException as err:
             log.exception("the model worker died")
-            self._fail_everyone(
-                WorkerUnavailable(f"the model worker failed ({type(err).__name__}: {err}); retry")
-            )
+            error = WorkerUnavailable(f"the model worker failed ({type(err).__name__}: {err}); please retry")
+            pending = self._drain()
             self._cache = self._graphs = None
             with self._cond:
                 restart = self._running
-            if restart:
+            if restart:  # the replacement runs before anyone hears of the failure
                 self._restarts += 1
                 self._spawn()
+            self._fail_handles(pending, error)
 
-    def _fail_everyone(self, error: OwlError) -> None:
+    def _drain(self) -> list[RequestHandle]:
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()
             active, self._active = self._active, []
-        for request in [w.handle for w in waiting] + [a.handle for a in active]:
+        return [w.handle for w in waiting] + [a.handle for a in active]
+
+    def _fail_handles(self, handles: list[RequestHandle], error: OwlError) -> None:
+        for handle in handles:
             self.metrics.count_failure(error.kind)
-            request._finish("error", error)
+            handle._finish("error", error)
+
+    def _fail_everyone(self, error: OwlError) -> None:
+        self._fail_handles(self._drain(), error)
 
     def _run(self) -> None:
         while True:
@@ -435,7 +442,9 @@ class Engine:
                     request = self._seat(waiting, logits)
                 else:
                     request = self._seat(waiting, logits, serial_cache=(keys, values))
-                self._emit_token(request, logits)
+                token = self._choose([request], logits)[0]
+                if token is not None:
+                    self._accept(request, token)
             except Exception as err:
                 self._fail(handle, err)
 
@@ -500,15 +509,37 @@ class Engine:
             self._active.append(request)
         return request
 
-    def _emit_token(self, request: _Active, logits: torch.Tensor) -> None:
-        """Choose, stream and account one token for one request; finish it if it is done."""
+    def _choose(self, requests: list[_Active], logits: torch.Tensor) -> list[int | None]:
+        """One token per request from (B, V) logits; None where choosing failed (that request fails)."""
+        try:
+            return choose(
+                logits,
+                [r.params for r in requests],
+                [r.history for r in requests],
+                [r.generator for r in requests],
+            )
+        except Exception:
+            tokens: list[int | None] = []
+            for row, request in enumerate(requests):  # find which request it was
+                try:
+                    tokens += choose(
+                        logits[row : row + 1], [request.params], [request.history], [request.generator]
+                    )
+                except Exception as err:
+                    self._fail(request.handle, err)
+                    tokens.append(None)
+            return tokens
+
+    def _accept(self, request: _Active, token: int) -> None:
+        """Stream and account one token for one request; finish it if it is done."""
         handle = request.handle
         self._hook(handle, "token")
-        token = choose(logits, [request.params], [request.history], [request.generator])[0]
+        now = time.monotonic()
         stats = handle.stats
         if stats.first_token is None:
-            stats.first_token = time.monotonic()
+            stats.first_token = now
             self.metrics.observe_ttft(stats.ttft_s)
+        stats.token_times.append(now)
         if token == self.tokenizer.eos_token_id and not request.params.ignore_eos:
             return self._complete(request, "stop")
         request.history.append(token)
@@ -605,10 +636,13 @@ class Engine:
                     self._fail(request.handle, err)
             self._drop_finished()
             return
-        for row, request in enumerate(active):
+        tokens = self._choose(active, logits)
+        for request, token in zip(active, tokens, strict=True):
             request.position += 1
+            if token is None:
+                continue
             try:
-                self._emit_token(request, logits[row : row + 1])
+                self._accept(request, token)
             except Exception as err:
                 self._fail(request.handle, err)
         self._drop_finished()

@@ -406,18 +406,24 @@ def _detach_bloom_embedding_norm(language_model: nn.Module):
 
 
 def init_weights(model: OwlModel, *, seed: int = 0, std: float = 0.02) -> OwlModel:
-    """Random weights for tests and benchmarks: normal(std) matrices, unit norms, zero biases."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    """Random weights for tests and benchmarks: normal(std) matrices, unit norms, zero biases.
+
+    Values are drawn on each parameter's own device (a 7B model initialises in seconds on a GPU);
+    on CPU the stream is the same for a given seed.
+    """
+    generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if isinstance(param, torch.Tensor) and param.device.type == "meta":
+            if param.device.type == "meta":
                 continue
             if name.endswith("bias") and "bias_k" not in name and "bias_v" not in name:
                 param.zero_()
             elif _is_norm_weight(name):
                 param.fill_(1.0)
             else:
-                noise = torch.randn(param.shape, generator=generator) * std
+                if param.device not in generators:
+                    generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+                noise = torch.randn(param.shape, generator=generators[param.device], device=param.device) * std
                 param.copy_(noise.to(param.dtype))
     return model
 

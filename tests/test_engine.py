@@ -150,15 +150,18 @@ class _Crash(BaseException):
 
 def test_a_dead_worker_fails_pending_requests_and_is_replaced(loaded):
     crashed = threading.Event()
+    both_queued = threading.Event()
 
     def fault(handle, phase):
         if handle.id == "req-1" and phase == "token" and not crashed.is_set():
             crashed.set()
+            both_queued.wait(5)  # crash only once the second request is waiting
             raise _Crash("worker killed")
 
     with Engine(loaded, EngineSettings(max_batch=1, queue_size=4), fault_hook=fault) as engine:
         doomed = engine.submit(*request(loaded, 1), LONG)
         waiting = engine.submit(*request(loaded, 2), LONG)
+        both_queued.set()
         for handle in (doomed, waiting):
             with pytest.raises(WorkerUnavailable, match="the model worker failed"):
                 handle.text()
