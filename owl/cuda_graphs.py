@@ -45,10 +45,13 @@ class DecodeGraphs:
         span = -(-longest // LENGTH_STEP) * LENGTH_STEP
         return min(size, self.cache.slots), min(span, self.cache.max_len)
 
-    def run(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) for rows 0..B-1 of the slot cache: ``tokens`` at ``positions``, both (B, 1)."""
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int) -> torch.Tensor:
+        """Logits (B, V) for rows 0..B-1 of the slot cache: ``tokens`` at ``positions``, both (B, 1).
+
+        ``longest`` is the largest position + 1, passed in so no value is read back from the GPU.
+        """
         batch = tokens.shape[0]
-        key = self.buckets(batch, int(positions.max()) + 1)
+        key = self.buckets(batch, longest)
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = self._build(*key)

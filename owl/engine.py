@@ -651,9 +651,9 @@ class Engine:
         device = self.model.device
         tokens = torch.tensor([[r.last_token] for r in active], device=device)
         positions = torch.tensor([[r.position] for r in active], device=device)
+        read_len = max(r.position for r in active) + 1
         if self._graphs is not None:
-            return self._graphs.run(tokens, positions)
-        read_len = int(positions.max()) + 1
+            return self._graphs.run(tokens, positions, read_len)
         keys = torch.arange(read_len, device=device).view(1, 1, 1, -1)
         mask = keys <= positions.view(-1, 1, 1, 1)  # (B, 1, 1, read_len): each row sees its own prefix
         self._cache.set_step(torch.arange(len(active), device=device), positions, 0, read_len)

@@ -423,7 +423,9 @@ def init_weights(model: OwlModel, *, seed: int = 0, std: float = 0.02) -> OwlMod
             else:
                 if param.device not in generators:
                     generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
-                noise = torch.randn(param.shape, generator=generators[param.device], device=param.device) * std
+                noise = (
+                    torch.randn(param.shape, generator=generators[param.device], device=param.device) * std
+                )
                 param.copy_(noise.to(param.dtype))
     return model
 
