@@ -72,7 +72,7 @@ class DecodeGraphs:
         mask = torch.arange(span, device=device).view(1, 1, 1, -1) <= graph.positions.view(-1, 1, 1, 1)
         self.cache.set_step(rows, graph.positions, 0, span)
         out = self.model.language_model(
-            inputs_embeds=self.model.embed(graph.tokens),
+            inputs_embeds=self.model.embed_text(graph.tokens),
             position_ids=graph.positions,
             attention_mask=mask,
             cache=self.cache,

@@ -657,7 +657,7 @@ class Engine:
         keys = torch.arange(read_len, device=device).view(1, 1, 1, -1)
         mask = keys <= positions.view(-1, 1, 1, 1)  # (B, 1, 1, read_len): each row sees its own prefix
         self._cache.set_step(torch.arange(len(active), device=device), positions, 0, read_len)
-        embeds = self.model.embed(tokens)
+        embeds = self.model.embed_text(tokens)
         out = self.model.language_model(
             inputs_embeds=embeds,
             position_ids=positions,
@@ -677,7 +677,7 @@ class Engine:
             for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
                 cache.update(k, v, layer)
             request.serial_cache = cache
-        embeds = self.model.embed(torch.tensor([[request.last_token]], device=self.model.device))
+        embeds = self.model.embed_text(torch.tensor([[request.last_token]], device=self.model.device))
         out = self.model.language_model(inputs_embeds=embeds, cache=request.serial_cache, use_cache=True)
         return out.logits[:, -1]
 

@@ -114,7 +114,7 @@ def prefill(model, embeds: torch.Tensor, cache) -> torch.Tensor:
 def decode_one_token(model, token: int, position: int, cache) -> torch.Tensor:
     """One step from the previous token; the logits (1, V) for the next."""
     ids = torch.tensor([[token]], device=model.device)
-    embeds = model.embed(ids)
+    embeds = model.embed_text(ids)
     positions = torch.tensor([[position]], device=model.device)
     out = model.language_model(inputs_embeds=embeds, position_ids=positions, cache=cache, use_cache=True)
     return out.logits[:, -1]

@@ -345,6 +345,11 @@ class OwlModel(nn.Module):
         queries = self.query_tokens.expand(pixels.shape[0], -1, -1)  # (N, Q, Da)
         return self.abstractor(queries, image)  # (N, Q+1, H)
 
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of text ids only (decode steps): no image slots, nothing read back from the device."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        return embeds if self._text_embedding_norm is None else self._text_embedding_norm(embeds)
+
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Text embeddings with every image slot (id ``IMAGE_TOKEN_ID``) replaced by image vectors.
 
