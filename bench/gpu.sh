@@ -15,6 +15,6 @@ OUT=${OUT:-/tmp/owl-gpu}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-timeout 180 python3 bench/gpu_checks.py 2>&1 | tee "$OUT/checks.log"
-timeout 420 python3 bench/serve.py --preset mplug-owl-llama-7b --device cuda --concurrency 1 4 8 16 64 \
+timeout 150 python3 bench/gpu_checks.py 2>&1 | tee "$OUT/checks.log"
+timeout 330 python3 bench/serve.py --preset mplug-owl-llama-7b --device cuda --concurrency 1 4 8 16 64 \
     --baseline-max 16 --new-tokens 64 --max-seq-len 1024 --json "$OUT/serve.json" 2>&1 | tee "$OUT/serve.log"

@@ -169,8 +169,11 @@ def quantized():
     for bits in (16, 8, 4):
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
-        model = build_model(MID, device=torch.device("cpu"), dtype=torch.float16)
+        started = time.monotonic()
+        model = build_model(MID, device=torch.device("cpu"), dtype=torch.float32)
         init_weights(model, seed=3, std=0.02)
+        model = model.to(torch.float16)
+        print(f"  built {MID.name} for {bits}-bit in {time.monotonic() - started:.0f} s", flush=True)
         if bits == 16:
             model.to(DEVICE)
         else:

@@ -23,10 +23,17 @@ LENGTH_STEP = 256
 
 @dataclass
 class _Graph:
-    tokens: torch.Tensor  # (bb, 1)
-    positions: torch.Tensor  # (bb, 1)
+    inputs: torch.Tensor  # (2, bb): tokens, positions
     logits: torch.Tensor  # (bb, V)
     graph: torch.cuda.CUDAGraph | None
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return self.inputs[0].view(-1, 1)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.inputs[1].view(-1, 1)
 
 
 class DecodeGraphs:
@@ -37,6 +44,7 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.failed = False
+        self._staging = torch.zeros(2, cache.slots, dtype=torch.long, pin_memory=self.capture)
 
     def buckets(self, batch: int, longest: int) -> tuple[int, int]:
         size = 1
@@ -45,20 +53,20 @@ class DecodeGraphs:
         span = -(-longest // LENGTH_STEP) * LENGTH_STEP
         return min(size, self.cache.slots), min(span, self.cache.max_len)
 
-    def run(self, tokens: torch.Tensor, positions: torch.Tensor, longest: int) -> torch.Tensor:
-        """Logits (B, V) for rows 0..B-1 of the slot cache: ``tokens`` at ``positions``, both (B, 1).
-
-        ``longest`` is the largest position + 1, passed in so no value is read back from the GPU.
-        """
-        batch = tokens.shape[0]
-        key = self.buckets(batch, longest)
+    def run(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """Logits (B, V) for rows 0..B-1 of the slot cache: each row's token at its position."""
+        batch = len(tokens)
+        key = self.buckets(batch, max(positions) + 1)
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = self._build(*key)
-        graph.tokens.zero_()
-        graph.positions.zero_()
-        graph.tokens[:batch].copy_(tokens)
-        graph.positions[:batch].copy_(positions)
+        bb = key[0]
+        # One host-to-device copy of both inputs, padded rows at token 0, position 0 (free slots).
+        staging = self._staging[:, :bb]
+        staging.zero_()
+        staging[0, :batch] = torch.tensor(tokens)
+        staging[1, :batch] = torch.tensor(positions)
+        graph.inputs.copy_(staging, non_blocking=True)
         if graph.graph is not None:
             graph.graph.replay()
         else:
@@ -84,12 +92,11 @@ class DecodeGraphs:
     def _build(self, bb: int, span: int) -> _Graph:
         device = self.model.device
         vocab = self.model.config.vocab_size
+        inputs = torch.zeros(2, bb, dtype=torch.long, device=device)
+        # Warm-up and capture write at the last position of the span, which no active row has passed.
+        inputs[1].fill_(span - 1)
         graph = _Graph(
-            tokens=torch.zeros(bb, 1, dtype=torch.long, device=device),
-            # Warm-up and capture write at the last position of the span, which no active row has reached.
-            positions=torch.full((bb, 1), span - 1, dtype=torch.long, device=device),
-            logits=torch.zeros(bb, vocab, dtype=self.model.dtype, device=device),
-            graph=None,
+            inputs=inputs, logits=torch.zeros(bb, vocab, dtype=self.model.dtype, device=device), graph=None
         )
         if not self.capture or self.failed:
             return graph
@@ -109,3 +116,49 @@ class DecodeGraphs:
             log.exception("CUDA graph capture failed; decoding eagerly")
             self.failed = True
         return graph
+
+
+class VisionGraphs:
+    """The vision encoder and abstractor as CUDA graphs, one per image-count bucket (1, 2, 4, ...)."""
+
+    def __init__(self, model, max_images: int = 64):
+        self.model = model
+        self.max_images = max_images
+        self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.failed = False
+
+    def run(self, pixels: torch.Tensor) -> torch.Tensor:
+        count = pixels.shape[0]
+        if self.failed or count > self.max_images:
+            return self.model.encode_images(pixels)
+        bucket = 1
+        while bucket < count:
+            bucket *= 2
+        entry = self.graphs.get(bucket) or self._capture(bucket, pixels.shape[1:])
+        if entry is None:
+            return self.model.encode_images(pixels)
+        static_in, static_out, graph = entry
+        static_in[:count].copy_(pixels, non_blocking=True)
+        graph.replay()
+        return static_out[:count]
+
+    def _capture(self, bucket: int, shape):
+        device = self.model.device
+        static_in = torch.zeros(bucket, *shape, device=device, dtype=self.model.dtype)
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self.model.encode_images(static_in)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                static_out = self.model.encode_images(static_in)
+        except Exception:
+            log.exception("CUDA graph capture of the vision encoder failed; encoding eagerly")
+            self.failed = True
+            return None
+        self.graphs[bucket] = (static_in, static_out, graph)
+        return self.graphs[bucket]

@@ -55,6 +55,7 @@ class EngineSettings:
     queue_size: int = 32  # requests waiting beyond those
     max_seq_len: int | None = None  # per request; defaults to the model's context
     request_timeout_s: float | None = 600.0
+    prefill_tokens: int = 8192  # padded prompt tokens prefilled in one forward pass
     # Decode through fixed-shape steps (owl.cuda_graphs): captured as CUDA graphs on a GPU.
     # None: on for CUDA, off on CPU; True on CPU runs the same fixed-shape steps eagerly.
     static_decode: bool | None = None
@@ -230,13 +231,6 @@ class SlotCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.read_len
 
-    def load_prefix(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        """Copy a prefilled request's cache (each (1, h, L, d)) into ``slot``."""
-        length = keys[0].shape[2]
-        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-            self.keys[layer][slot, :, :length] = k[0]
-            self.values[layer][slot, :, :length] = v[0]
-
     def move(self, source: int, target: int, length: int) -> None:
         """Move one request's cache to another slot (compaction after a request leaves)."""
         for tensors in (self.keys, self.values):
@@ -268,6 +262,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._cache: SlotCache | None = None
         self._graphs = None
+        self._vision_graphs = None
         self._running = False
         self._thread: threading.Thread | None = None
         self._restarts = 0
@@ -366,7 +361,7 @@ class Engine:
             log.exception("the model worker died")
             error = WorkerUnavailable(f"the model worker failed ({type(err).__name__}: {err}); please retry")
             pending = self._drain()
-            self._cache = self._graphs = None
+            self._cache = self._graphs = self._vision_graphs = None
             with self._cond:
                 restart = self._running
             if restart:  # the replacement runs before anyone hears of the failure
@@ -413,42 +408,107 @@ class Engine:
             if static is None:
                 static = self.model.device.type == "cuda"
             if static and self.batched:
-                from owl.cuda_graphs import DecodeGraphs
+                from owl.cuda_graphs import DecodeGraphs, VisionGraphs
 
                 self._graphs = DecodeGraphs(self.model, self._cache)
+                if self.model.device.type == "cuda":
+                    self._vision_graphs = VisionGraphs(self.model)
         return self._cache
 
     def _admit(self, admitted: list[_Waiting]) -> None:
-        """Encode new requests' images together, prefill each, and seat it in the batch."""
-        cache = self._ensure_cache()
+        """Encode new requests' images together, prefill them together, and seat them in the batch."""
+        self._ensure_cache()
         live = []
         for waiting in admitted:
             if waiting.handle.cancelled:
                 waiting.handle._finish("cancelled")
             else:
                 live.append(waiting)
-        image_embeds = self._encode_images(live)
-        for waiting, embeds in zip(live, image_embeds, strict=True):
-            if embeds is None:
-                continue  # failed while encoding; already answered
-            handle = waiting.handle
-            handle.stats.started = time.monotonic()
+        encoded = [(w, e) for w, e in zip(live, self._encode_images(live), strict=True) if e is not None]
+        for group in self._prefill_groups(encoded):
+            for waiting, _ in group:
+                waiting.handle.stats.started = time.monotonic()
             try:
-                self._hook(handle, "prefill")
-                logits, keys, values = self._prefill(waiting.prompt_ids, embeds)
-                slot = len(self._active)
-                if self.batched:
-                    cache.load_prefix(slot, keys, values)
-                    request = self._seat(waiting, logits)
-                else:
-                    request = self._seat(waiting, logits, serial_cache=(keys, values))
-                token = self._choose([request], logits)[0]
-                if token is not None:
-                    self._accept(request, token)
-            except Exception as err:
-                self._fail(handle, err)
+                self._prefill_and_seat(group)
+            except Exception:
+                # Find the request that fails by prefilling the group one by one.
+                for waiting, embeds in group:
+                    try:
+                        self._prefill_and_seat([(waiting, embeds)])
+                    except Exception as err:
+                        self._fail(waiting.handle, err)
 
-    def _encode_images(self, requests: list[_Waiting]) -> list[torch.Tensor | bool | None]:
+    def _prefill_groups(self, encoded: list) -> list[list]:
+        """Requests prefilled in one forward pass: up to ``prefill_tokens`` padded tokens each."""
+        if not self.batched:
+            return [[item] for item in encoded]
+        groups, group, longest = [], [], 0
+        for item in encoded:
+            length = len(item[0].prompt_ids)
+            if group and max(longest, length) * (len(group) + 1) > self.settings.prefill_tokens:
+                groups.append(group)
+                group, longest = [], 0
+            group.append(item)
+            longest = max(longest, length)
+        return [*groups, group] if group else groups
+
+    @torch.inference_mode()
+    def _prefill_and_seat(self, group: list) -> None:
+        """One forward pass over the group's prompts; their keys/values land in their slots."""
+        for waiting, _ in group:
+            self._hook(waiting.handle, "prefill")
+        if self.batched:
+            first = len(self._active)
+            logits = self._prefill_slots(group, first)
+            requests = [self._seat(waiting) for waiting, _ in group]
+        else:
+            waiting, embeds = group[0]
+            logits, cache = self._prefill_dynamic(waiting.prompt_ids, embeds)
+            requests = [self._seat(waiting, serial_cache=cache)]
+        for request, token in zip(requests, self._choose(requests, logits), strict=True):
+            if token is not None:
+                try:
+                    self._accept(request, token)
+                except Exception as err:
+                    self._fail(request.handle, err)
+
+    def _prefill_slots(self, group: list, first: int) -> torch.Tensor:
+        """Right-padded prompts (n, L) through the LLM, written into slots first..first+n-1; (n, V) logits."""
+        device = self.model.device
+        lengths = [len(waiting.prompt_ids) for waiting, _ in group]
+        width = max(lengths)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        for row, (waiting, _) in enumerate(group):
+            ids[row, : lengths[row]] = torch.tensor(waiting.prompt_ids)
+        images = [embeds for _, embeds in group if embeds.numel()]
+        embeds = self.model.embed(ids.to(device), torch.cat(images) if images else None)
+        positions = torch.arange(width, device=device).expand(len(group), width)
+        valid = positions < torch.tensor(lengths, device=device).view(-1, 1)  # (n, L) real tokens
+        causal = positions.view(1, width, 1) >= positions.view(1, 1, width)  # (1, L, L)
+        mask = (causal & valid.view(-1, 1, width)).unsqueeze(1)  # (n, 1, L, L)
+        rows = torch.arange(first, first + len(group), device=device)
+        self._cache.set_step(rows, positions, first, width)
+        hidden = self.model.language_model.model(
+            inputs_embeds=embeds,
+            position_ids=positions,
+            attention_mask=mask,
+            cache=self._cache,
+            use_cache=True,
+        ).last_hidden_state  # (n, L, H)
+        last = hidden[torch.arange(len(group), device=device), torch.tensor(lengths, device=device) - 1]
+        return self.model.language_model.lm_head(last)  # (n, V)
+
+    def _prefill_dynamic(self, prompt_ids: list[int], image_embeds: torch.Tensor):
+        """Prefill for language models decoded one at a time (BLOOM), with transformers' own cache."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([prompt_ids], device=self.model.device)
+        embeds = self.model.embed(ids, image_embeds if image_embeds.numel() else None)
+        cache = DynamicCache(config=self.model.language_model.config)
+        out = self.model.language_model(inputs_embeds=embeds, cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], cache
+
+    def _encode_images(self, requests: list[_Waiting]) -> list[torch.Tensor | None]:
         """Image vectors per request (an empty tensor for text-only), encoded in one batch."""
         counts = [0 if r.pixels is None else r.pixels.shape[0] for r in requests]
         out: list[Any] = [torch.empty(0)] * len(requests)
@@ -456,16 +516,14 @@ class Engine:
             return out
         pixels = torch.cat([r.pixels for r in requests if r.pixels is not None and r.pixels.shape[0]])
         try:
-            with torch.inference_mode():
-                embeds = self.model.encode_images(pixels)
-        except torch.OutOfMemoryError:
+            embeds = self._vision(pixels)
+        except Exception:
             self._free_memory()
-            # Encode one request at a time to find which one does not fit.
+            # Encode one request at a time to find which one fails (out of memory, most likely).
             for i, request in enumerate(requests):
                 if counts[i]:
                     try:
-                        with torch.inference_mode():
-                            out[i] = self.model.encode_images(request.pixels)
+                        out[i] = self._vision(request.pixels)
                     except Exception as err:
                         self._fail(request.handle, err)
                         out[i] = None
@@ -478,18 +536,12 @@ class Engine:
         return out
 
     @torch.inference_mode()
-    def _prefill(self, prompt_ids: list[int], image_embeds: torch.Tensor):
-        from transformers import DynamicCache
+    def _vision(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self._vision_graphs is not None:
+            return self._vision_graphs.run(pixels)
+        return self.model.encode_images(pixels)
 
-        ids = torch.tensor([prompt_ids], device=self.model.device)
-        embeds = self.model.embed(ids, image_embeds if image_embeds.numel() else None)
-        dynamic = DynamicCache(config=self.model.language_model.config)
-        out = self.model.language_model(inputs_embeds=embeds, cache=dynamic, use_cache=True, logits_to_keep=1)
-        keys = [layer.keys for layer in dynamic.layers]
-        values = [layer.values for layer in dynamic.layers]
-        return out.logits[:, -1], keys, values
-
-    def _seat(self, waiting: _Waiting, logits, serial_cache=None) -> _Active:
+    def _seat(self, waiting: _Waiting, serial_cache=None) -> _Active:
         params = waiting.params
         request = _Active(
             handle=waiting.handle,
@@ -648,19 +700,19 @@ class Engine:
         self._drop_finished()
 
     def _batched_logits(self, active: list[_Active]) -> torch.Tensor:
-        device = self.model.device
-        tokens = torch.tensor([[r.last_token] for r in active], device=device)
-        positions = torch.tensor([[r.position] for r in active], device=device)
-        read_len = max(r.position for r in active) + 1
+        tokens = [r.last_token for r in active]
+        positions = [r.position for r in active]
         if self._graphs is not None:
-            return self._graphs.run(tokens, positions, read_len)
+            return self._graphs.run(tokens, positions)
+        device = self.model.device
+        position_ids = torch.tensor(positions, device=device).view(-1, 1)
+        read_len = max(positions) + 1
         keys = torch.arange(read_len, device=device).view(1, 1, 1, -1)
-        mask = keys <= positions.view(-1, 1, 1, 1)  # (B, 1, 1, read_len): each row sees its own prefix
-        self._cache.set_step(torch.arange(len(active), device=device), positions, 0, read_len)
-        embeds = self.model.embed_text(tokens)
+        mask = keys <= position_ids.view(-1, 1, 1, 1)  # (B, 1, 1, read_len): each row sees its own prefix
+        self._cache.set_step(torch.arange(len(active), device=device), position_ids, 0, read_len)
         out = self.model.language_model(
-            inputs_embeds=embeds,
-            position_ids=positions,
+            inputs_embeds=self.model.embed_text(torch.tensor(tokens, device=device).view(-1, 1)),
+            position_ids=position_ids,
             attention_mask=mask,
             cache=self._cache,
             use_cache=True,
@@ -669,14 +721,6 @@ class Engine:
 
     def _serial_logits(self, request: _Active) -> torch.Tensor:
         """Non-LLaMA language models (BLOOM): one request at a time with transformers' own cache."""
-        from transformers import DynamicCache
-
-        if not isinstance(request.serial_cache, DynamicCache):
-            keys, values = request.serial_cache
-            cache = DynamicCache(config=self.model.language_model.config)
-            for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-                cache.update(k, v, layer)
-            request.serial_cache = cache
         embeds = self.model.embed_text(torch.tensor([[request.last_token]], device=self.model.device))
         out = self.model.language_model(inputs_embeds=embeds, cache=request.serial_cache, use_cache=True)
         return out.logits[:, -1]

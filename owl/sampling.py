@@ -68,6 +68,8 @@ def choose(
     generators: Sequence[torch.Generator | None],
 ) -> list[int]:
     """One token per row of (B, V) logits; ``history`` is each row's tokens so far."""
+    if not any(p.do_sample or p.repetition_penalty != 1.0 or p.no_repeat_ngram_size for p in params):
+        return logits.argmax(dim=-1).tolist()  # all greedy: one small read-back, nothing else
     logits = logits.float()
     apply_repetition_penalty(logits, history, [p.repetition_penalty for p in params])
     apply_no_repeat_ngram(logits, history, [p.no_repeat_ngram_size for p in params])
