@@ -174,21 +174,6 @@ def single_ttft(engine: Engine, loaded: Loaded, repeats: int = 10) -> float:
     return statistics.median(times)
 
 
-def decode_step_ms(engine: Engine, batch: int, repeats: int = 30) -> float | None:
-    """One decode step alone (graph replay or eager forward, no scheduling), ms; engine must be idle."""
-    graphs = engine._graphs
-    if graphs is None or engine.model.device.type != "cuda":
-        return None
-    tokens, positions = [3] * batch, [200] * batch
-    graphs.run(tokens, positions)
-    torch.cuda.synchronize()
-    started = time.monotonic()
-    for _ in range(repeats):
-        graphs.run(tokens, positions)
-    torch.cuda.synchronize()
-    return 1000 * (time.monotonic() - started) / repeats
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", help="a preset name (default: the ~45M CPU benchmark model)")
