@@ -138,22 +138,31 @@ class RequestHandle:
         if self.error is not None:
             raise self.error
 
-    async def __aiter__(self):
-        loop = asyncio.get_running_loop()
+    def __aiter__(self):
+        return self.updates(poll_s=None)
+
+    async def updates(self, poll_s: float | None = 0.5):
+        """Text deltas as they come; while the request waits, its queue position (an int) every ``poll_s``."""
         with self._lock:
-            self._loop = loop
+            self._loop = asyncio.get_running_loop()
             self._async_items = asyncio.Queue()
             while not self._items.empty():  # whatever arrived before we started listening
                 self._async_items.put_nowait(self._items.get())
         try:
             while True:
-                item = await self._async_items.get()
+                try:
+                    item = await asyncio.wait_for(self._async_items.get(), timeout=poll_s)
+                except TimeoutError:
+                    position = self.position()
+                    if position is not None:
+                        yield position
+                    continue
                 if item is _END:
                     break
                 yield item
         finally:
             if not self.done.is_set():
-                self.cancel()
+                self.cancel()  # the consumer went away
         if self.error is not None:
             raise self.error
 

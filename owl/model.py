@@ -410,11 +410,14 @@ def _detach_bloom_embedding_norm(language_model: nn.Module):
     return original_forward
 
 
-def init_weights(model: OwlModel, *, seed: int = 0, std: float = 0.02) -> OwlModel:
-    """Random weights for tests and benchmarks: normal(std) matrices, unit norms, zero biases.
+def init_weights(model: OwlModel, *, seed: int = 0, std: float | None = 0.02) -> OwlModel:
+    """Random weights: normal matrices, unit norms, zero biases.
 
-    Values are drawn on each parameter's own device (a 7B model initialises in seconds on a GPU);
-    on CPU the stream is the same for a given seed.
+    ``std`` fixes the spread of every matrix (0.02 is LLaMA's); ``None`` scales each matrix by
+    1/sqrt(fan-in) instead, which a small model trained from scratch needs: at widths of a few
+    hundred, 0.02 shrinks the image signal layer after layer until the language model cannot
+    tell two pictures apart (token tables and learned vectors keep 0.02). Values are drawn on each
+    parameter's own device, so a 7B model initialises in seconds on a GPU.
     """
     generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
@@ -428,11 +431,20 @@ def init_weights(model: OwlModel, *, seed: int = 0, std: float = 0.02) -> OwlMod
             else:
                 if param.device not in generators:
                     generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
-                noise = (
-                    torch.randn(param.shape, generator=generators[param.device], device=param.device) * std
-                )
-                param.copy_(noise.to(param.dtype))
+                spread = std if std is not None or not _is_matrix(name, param) else param[0].numel() ** -0.5
+                noise = torch.randn(param.shape, generator=generators[param.device], device=param.device)
+                param.copy_((noise * (spread if spread is not None else 0.02)).to(param.dtype))
     return model
+
+
+def _is_matrix(name: str, param: torch.Tensor) -> bool:
+    """A projection (Linear/Conv weight), as opposed to token tables and learned vectors."""
+    return (
+        param.ndim >= 2
+        and name.endswith("weight")
+        and "embed_tokens" not in name
+        and "word_embeddings" not in name
+    )
 
 
 def _is_norm_weight(name: str) -> bool:

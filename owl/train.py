@@ -326,7 +326,7 @@ def build_start(settings: TrainSettings):
     if len(tokenizer) != config.vocab_size:
         config = config.replace(text={**config.text, "vocab_size": len(tokenizer)})
     model = build_model(config, device=device, dtype=parse_dtype(settings.dtype, device), seed=settings.seed)
-    init_weights(model, seed=settings.seed, std=0.02)
+    init_weights(model, seed=settings.seed, std=None)  # fan-in scaled: see init_weights
     processor = ImageProcessor(config.vision.image_size)
     return model, tokenizer, processor, device
 
@@ -518,15 +518,16 @@ TINY_RECIPE = {
     "stage": "all",
     "tokenization": "prompt",
     "augment": "none",
-    "steps": 3000,
+    "steps": 3600,
     "batch_size": 16,
-    "lr": 1.5e-3,
+    "lr": 1e-3,
     "min_lr_ratio": 0.05,
     "warmup": 100,
     "weight_decay": 0.01,
     "max_len": 512,
-    "eval_every": 250,
-    "save_every": 250,
+    "eval_every": 400,
+    "save_every": 400,
+    "max_minutes": 45.0,
     "seed": 0,
     "data_seed": 0,
     "device": "cpu",

@@ -84,3 +84,72 @@ def tiny_export(tmp_path_factory, tiny_model, tokenizer):
     from owl.checkpoint import save_export
 
     return save_export(tiny_model, tokenizer, tmp_path_factory.mktemp("export") / "tiny")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RunningServer:
+    """``python app.py`` in a subprocess on a free port; stopped when the fixture ends."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        root = Path(__file__).resolve().parent.parent
+        environ = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.log = tempfile.NamedTemporaryFile(prefix="owl-server-", suffix=".log", delete=False)  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, str(root / "app.py"), "--port", str(self.port), *args],
+            cwd=root,
+            env=environ,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: {Path(self.log.name).read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"the server did not become healthy: {Path(self.log.name).read_text()[-3000:]}")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except Exception:
+            self.process.kill()
+
+
+@pytest.fixture(scope="session")
+def random_server():
+    """The app on a tiny random model: fast, and it talks until its token budget runs out."""
+    server = RunningServer(
+        "--checkpoint",
+        "random:tiny",
+        "--max-new-tokens",
+        "1024",
+        "--max-batch",
+        "4",
+        env={"OWL_REQUESTS_PER_MINUTE": "0"},
+    )
+    yield server
+    server.stop()
