@@ -277,7 +277,7 @@ def build_demo(engine, settings: Settings, info: dict) -> gr.Blocks:
                     repetition_penalty = gr.Slider(
                         1.0, 2.0, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty"
                     )
-                    seed = gr.Number(value=None, label="Seed (empty: random)", precision=0)
+                    seed = gr.Number(value=-1, label="Seed (-1: a new one each time)", precision=0)
                     system = gr.Textbox(
                         value=settings.system or Conversation().system, label="System prompt", lines=3
                     )
@@ -292,7 +292,20 @@ def build_demo(engine, settings: Settings, info: dict) -> gr.Blocks:
         timer = gr.Timer(2.0)
         param_inputs = [max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed]
 
-        async def submit(message, history, system_text, *values, request: gr.Request):
+        async def submit(
+            message,
+            history,
+            system_text,
+            max_new,
+            sample,
+            temp,
+            k,
+            p,
+            penalty,
+            seed_value,
+            request: gr.Request,
+        ):
+            values = (max_new, sample, temp, k, p, penalty, seed_value)
             message = message or {}
             text = message.get("text") or ""
             files = [f if isinstance(f, str) else f.get("path") for f in message.get("files") or []]
@@ -317,8 +330,11 @@ def build_demo(engine, settings: Settings, info: dict) -> gr.Blocks:
             async for updated in stream_answer(history, system_text, params, _session(request)):
                 yield updated, None, label
 
-        async def rerun(history, system_text, *values, request: gr.Request):
+        async def rerun(
+            history, system_text, max_new, sample, temp, k, p, penalty, seed_value, request: gr.Request
+        ):
             """Retry: answer the last user turn again."""
+            values = (max_new, sample, temp, k, p, penalty, seed_value)
             history = [m for m in history or [] if not _is_note(m)]
             while history and history[-1].get("role") == "assistant":
                 history.pop()
@@ -334,9 +350,24 @@ def build_demo(engine, settings: Settings, info: dict) -> gr.Blocks:
             async for updated in stream_answer(history, system_text, params, _session(request)):
                 yield updated
 
-        async def edited(history, system_text, *values, edit: gr.EditData, request: gr.Request):
+        async def edited(
+            history,
+            system_text,
+            max_new,
+            sample,
+            temp,
+            k,
+            p,
+            penalty,
+            seed_value,
+            edit: gr.EditData,
+            request: gr.Request,
+        ):
+            """A user message was edited: run the conversation again from there."""
             history = [m for m in history or [] if not _is_note(m)][: edit.index + 1]
-            async for updated in rerun(history, system_text, *values, request=request):
+            async for updated in rerun(
+                history, system_text, max_new, sample, temp, k, p, penalty, seed_value, request
+            ):
                 yield updated
 
         def undo_last(history):

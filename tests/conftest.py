@@ -137,6 +137,7 @@ class RunningServer:
             self.process.wait(10)
         except Exception:
             self.process.kill()
+        self.log.close()
 
 
 @pytest.fixture(scope="session")
