@@ -54,6 +54,21 @@ def parse_args(argv: list[str] | None = None) -> dict:
         default=None,
         help="let the API fetch http(s) image URLs (public addresses only)",
     )
+    server.add_argument("--max-upload-mb", dest="max_upload_mb", type=float, help="size limit per image")
+    server.add_argument(
+        "--requests-per-minute",
+        dest="requests_per_minute",
+        type=int,
+        help="per browser session or API client (0: no limit)",
+    )
+    server.add_argument(
+        "--log-conversations",
+        dest="log_conversations",
+        action="store_true",
+        default=None,
+        help="write conversations and their images to --log-dir (off: nothing is written)",
+    )
+    server.add_argument("--log-dir", dest="log_dir", help="where --log-conversations writes (default: logs/)")
     server.add_argument("--debug", action="store_true", help="verbose logging")
     args = vars(parser.parse_args(argv))
     logging.basicConfig(

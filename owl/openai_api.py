@@ -21,10 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from owl.chatlog import ConversationLog
 from owl.conversation import Conversation
 from owl.errors import BadRequest, LimitExceeded, OwlError
 from owl.limits import RateLimiter, check_text, check_turn_images
 from owl.params import GenerationParams
+from owl.processing import ImageLimits, load_image
 
 
 class ImageURL(BaseModel):
@@ -134,8 +136,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def invalid(request: Request, exc: RequestValidationError):
         if not request.url.path.startswith("/v1/"):
             return await request_validation_exception_handler(request, exc)
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        # For unions (a content that is a string or a list of parts) the deepest error is the telling one.
+        errors = sorted(exc.errors(), key=lambda e: len(e.get("loc", ())), reverse=True)
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and not _is_type_name(p))
         return error_response(
             400,
             f"{where or 'request'}: {first.get('msg', 'invalid request')}",
@@ -143,6 +147,11 @@ def install_error_handlers(app: FastAPI) -> None:
             code="invalid_request",
             param=where or None,
         )
+
+
+def _is_type_name(part) -> bool:
+    """Union branch names pydantic puts into error locations ('str', 'list[ContentPart]')."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict") or "[" in part)
 
 
 def to_conversation(messages: list[Message], settings) -> Conversation:
@@ -177,12 +186,18 @@ def to_conversation(messages: list[Message], settings) -> Conversation:
     if not turns or turns[-1][0] != "user":
         raise BadRequest("the last message must be the user's: that is what gets answered")
     conversation = Conversation() if system is None else Conversation(system=system)
+    limits = ImageLimits(max_bytes=int(settings.max_upload_mb * 2**20), max_pixels=settings.max_image_pixels)
     seen = 0
     for role, text, images in turns:
         if role == "user":
             check_turn_images(len(images), seen, settings)
             seen += len(images)
-            conversation = conversation.add_user(text, images)
+            # Decoded here, at the edge: a bad image fails before it queues, and no string opens a file.
+            decoded = [
+                load_image(url, allow_urls=settings.allow_image_urls, allow_paths=False, limits=limits)
+                for url in images
+            ]
+            conversation = conversation.add_user(text, decoded)
         else:
             if conversation.turns and conversation.turns[-1].role == "assistant":
                 raise BadRequest("two assistant messages in a row")
@@ -213,8 +228,16 @@ def to_params(body: ChatCompletionRequest, settings) -> GenerationParams:
     )
 
 
-def openai_router(engine, loaded, settings, info: dict, allowed: Callable[[Request], bool]) -> APIRouter:
+def openai_router(
+    engine,
+    loaded,
+    settings,
+    info: dict,
+    allowed: Callable[[Request], bool],
+    chatlog: ConversationLog | None = None,
+) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["OpenAI-compatible API"])
+    chatlog = chatlog or ConversationLog(settings.log_dir, settings.log_conversations)
     limiter = RateLimiter(settings.requests_per_minute)
     model_name = info["model"]
 
@@ -270,7 +293,14 @@ def openai_router(engine, loaded, settings, info: dict, allowed: Callable[[Reque
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                _events(handle, completion_id, created, model_name, include_usage),
+                _events(
+                    handle,
+                    completion_id,
+                    created,
+                    model_name,
+                    include_usage,
+                    lambda answer: chatlog.record(conversation, answer, "openai"),
+                ),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -280,6 +310,7 @@ def openai_router(engine, loaded, settings, info: dict, allowed: Callable[[Reque
             return owl_error_response(err)
         finally:
             handle.cancel()
+        chatlog.record(conversation, text, "openai")
         stats = handle.stats
         return ChatCompletion(
             id=completion_id,
@@ -302,7 +333,7 @@ def _finish(reason: str | None) -> str:
     return "length" if reason == "length" else "stop"
 
 
-async def _events(handle, completion_id: str, created: int, model: str, include_usage: bool):
+async def _events(handle, completion_id: str, created: int, model: str, include_usage: bool, on_done):
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices: bool = True) -> str:
         body: dict[str, Any] = {
             "id": completion_id,
@@ -317,8 +348,11 @@ async def _events(handle, completion_id: str, created: int, model: str, include_
 
     try:
         yield chunk({"role": "assistant", "content": ""})
+        answer = []
         async for delta in handle:
+            answer.append(delta)
             yield chunk({"content": delta})
+        on_done("".join(answer))
         yield chunk({}, _finish(handle.stats.finish_reason))
         if include_usage:
             stats = handle.stats

@@ -20,6 +20,7 @@ import io
 import ipaddress
 import re
 import socket
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,14 +57,21 @@ def load_image(
     source: Any,
     *,
     allow_urls: bool = False,
+    allow_paths: bool = True,
     limits: ImageLimits = DEFAULT_LIMITS,
 ) -> Image.Image:
-    """Decode ``source`` into an upright RGB PIL image, or raise ``ImageError`` saying why not."""
+    """Decode ``source`` into an upright RGB PIL image, or raise ``ImageError`` saying why not.
+
+    A server decodes what clients send with ``allow_paths=False``: a string from a client must
+    never open a file on the server's disk.
+    """
     if isinstance(source, Image.Image):
         return _to_rgb(_check_pixels(source, limits, "the image"), "the image")
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode(bytes(source), limits, "the uploaded bytes")
     if isinstance(source, Path):
+        if not allow_paths:
+            raise ImageError("file paths are not accepted here; send the image itself (base64 or a data URI)")
         return _open_path(source, limits)
     if not isinstance(source, str):
         raise ImageError(f"cannot read an image from a {type(source).__name__}")
@@ -76,7 +84,12 @@ def load_image(
         return _decode(fetch_url(text, limits), limits, _short(text))
     if text.lower().startswith("data:"):
         return _decode(_decode_data_uri(text), limits, "the data URI")
-    if len(text) < 4096 and not text.startswith(("/9j/", "iVBOR", "R0lGOD")):
+    looks_like_path = text.startswith(("/", "~", "./", "../", "file:")) and not text.startswith("/9j/")
+    if not allow_paths and looks_like_path:
+        raise ImageError(
+            f"{_short(text)!r} looks like a file path; send the image itself (base64 or a data URI)"
+        )
+    if allow_paths and len(text) < 4096 and not text.startswith(("/9j/", "iVBOR", "R0lGOD")):
         path = Path(text).expanduser()
         try:
             is_file = path.is_file()
@@ -86,6 +99,8 @@ def load_image(
             return _open_path(path, limits)
     if _BASE64.match(text[:4096]):
         return _decode(_decode_base64(text), limits, "the base64 string")
+    if not allow_paths:
+        raise ImageError(f"{_short(text)!r} is neither a data URI, an image URL, nor base64 image data")
     raise ImageError(f"{_short(text)!r} is neither an existing file, a URL, nor base64 image data")
 
 
@@ -95,7 +110,7 @@ def _open_path(path: Path, limits: ImageLimits) -> Image.Image:
     except OSError as err:
         raise ImageError(f"cannot read {path}: {err.strerror}") from err
     if size > limits.max_bytes:
-        raise ImageError(
+        raise ImageTooLarge(
             f"{path.name} is {size / 2**20:.1f} MiB; the limit is {limits.max_bytes / 2**20:.0f} MiB"
         )
     return _decode(path.read_bytes(), limits, path.name)
@@ -131,7 +146,7 @@ def _decode(data: bytes, limits: ImageLimits, what: str) -> Image.Image:
     if not data:
         raise ImageError(f"{what} is empty (0 bytes)")
     if len(data) > limits.max_bytes:
-        raise ImageError(
+        raise ImageTooLarge(
             f"{what} is {len(data) / 2**20:.1f} MiB; the limit is {limits.max_bytes / 2**20:.0f} MiB"
         )
     try:
@@ -147,7 +162,7 @@ def _decode(data: bytes, limits: ImageLimits, what: str) -> Image.Image:
         image.seek(0)  # animated images: the first frame
         image.load()
     except Image.DecompressionBombError:
-        raise ImageError(f"{what} is too large to decode safely") from None
+        raise ImageTooLarge(f"{what} is too large to decode safely") from None
     except (OSError, ValueError, SyntaxError) as err:
         raise ImageError(f"{what} is corrupt or truncated: {err}") from None
     return _to_rgb(image, what)
@@ -195,58 +210,107 @@ def _short(text: str, limit: int = 60) -> str:
 # --- URLs ----------------------------------------------------------------------------------------
 
 
-def check_public_host(host: str, port: int) -> None:
-    """Refuse hosts that resolve to loopback, private, link-local, reserved or metadata addresses."""
+_METADATA_ADDRESSES = {"169.254.169.254", "100.100.100.200", "fd00:ec2::254"}
+
+
+def resolve(host: str, port: int) -> list[str]:
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return [info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)]
     except socket.gaierror as err:
         raise ImageError(f"cannot resolve {host}: {err.strerror}") from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0].split("%")[0])
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        if (
-            address.is_loopback
-            or address.is_private
-            or address.is_link_local
-            or address.is_reserved
-            or address.is_multicast
-            or address.is_unspecified
-            or str(address) in ("169.254.169.254", "100.100.100.200", "fd00:ec2::254")
-        ):
+
+
+def forbidden(address: str) -> bool:
+    """Loopback, private, link-local, reserved, multicast, unspecified and cloud metadata addresses."""
+    ip = ipaddress.ip_address(address.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return (
+        ip.is_loopback
+        or ip.is_private
+        or ip.is_link_local
+        or ip.is_reserved
+        or ip.is_multicast
+        or ip.is_unspecified
+        or str(ip) in _METADATA_ADDRESSES
+    )
+
+
+def check_public_host(host: str, port: int) -> str:
+    """The address to connect to; refused if any address of ``host`` is not public."""
+    addresses = resolve(host, port)
+    for address in addresses:
+        if forbidden(address):
             raise ImageError(f"image URLs may not point to {host} ({address}): not a public address")
+    return addresses[0]
 
 
 def fetch_url(url: str, limits: ImageLimits = DEFAULT_LIMITS) -> bytes:
-    """GET a public http(s) URL with size and time limits, re-checking every redirect."""
-    import requests
+    """GET a public http(s) URL with size and time limits.
 
+    The connection goes to the very address that was checked (no second DNS lookup that could
+    answer differently), and every redirect is checked again.
+    """
+    import certifi
+    import urllib3
+
+    deadline = time.monotonic() + limits.url_timeout_s
     for _ in range(limits.max_redirects + 1):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ImageError(f"only http(s) image URLs are allowed, got {_short(url)!r}")
-        check_public_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        address = check_public_host(parts.hostname, port)
+        timeout = urllib3.Timeout(connect=limits.url_timeout_s, read=limits.url_timeout_s)
+        if parts.scheme == "https":
+            pool = urllib3.HTTPSConnectionPool(
+                address,
+                port,
+                timeout=timeout,
+                retries=False,
+                server_hostname=parts.hostname,
+                assert_hostname=parts.hostname,
+                cert_reqs="CERT_REQUIRED",
+                ca_certs=certifi.where(),
+            )
+        else:
+            pool = urllib3.HTTPConnectionPool(address, port, timeout=timeout, retries=False)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         try:
-            response = requests.get(url, stream=True, timeout=limits.url_timeout_s, allow_redirects=False)
-        except requests.RequestException as err:
+            response = pool.urlopen(
+                "GET",
+                target,
+                headers={"Host": parts.netloc, "User-Agent": "owl-image-fetch"},
+                redirect=False,
+                preload_content=False,
+                retries=False,
+            )
+        except urllib3.exceptions.HTTPError as err:
             raise ImageError(f"could not fetch {_short(url)}: {type(err).__name__}") from None
-        with response:
-            if response.is_redirect:
+        try:
+            if response.status in (301, 302, 303, 307, 308):
                 url = urljoin(url, response.headers.get("location", ""))
                 continue
-            if response.status_code != 200:
-                raise ImageError(f"fetching {_short(url)} answered HTTP {response.status_code}")
+            if response.status != 200:
+                raise ImageError(f"fetching {_short(url)} answered HTTP {response.status}")
             declared = int(response.headers.get("content-length") or 0)
             if declared > limits.max_bytes:
-                raise ImageError(
+                raise ImageTooLarge(
                     f"{_short(url)} is {declared / 2**20:.1f} MiB; the limit is {limits.max_bytes / 2**20:.0f} MiB"
                 )
             body = bytearray()
-            for chunk in response.iter_content(64 * 1024):
+            for chunk in response.stream(64 * 1024):
                 body += chunk
                 if len(body) > limits.max_bytes:
                     raise ImageTooLarge(f"{_short(url)} is larger than {limits.max_bytes / 2**20:.0f} MiB")
+                if time.monotonic() > deadline:
+                    raise ImageError(f"fetching {_short(url)} took longer than {limits.url_timeout_s:g} s")
             return bytes(body)
+        except urllib3.exceptions.HTTPError as err:
+            raise ImageError(f"could not fetch {_short(url)}: {type(err).__name__}") from None
+        finally:
+            response.release_conn()
+            pool.close()
     raise ImageError(f"{_short(url)} redirected more than {limits.max_redirects} times")
 
 

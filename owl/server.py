@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from owl.chatlog import ConversationLog
 from owl.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -143,8 +144,9 @@ def create_app(loaded, engine, settings: Settings) -> FastAPI:
     )
     app.include_router(ops_router(engine, info))
     install_error_handlers(app)
-    app.include_router(openai_router(engine, loaded, settings, info, api_key_check(settings)))
-    demo = build_demo(engine, settings, info)
+    chatlog = ConversationLog(settings.log_dir, settings.log_conversations)
+    app.include_router(openai_router(engine, loaded, settings, info, api_key_check(settings), chatlog))
+    demo = build_demo(engine, settings, info, chatlog)
     demo.queue(default_concurrency_limit=None, max_size=None)
     css_file = STATIC / "style.css"
     return gr.mount_gradio_app(

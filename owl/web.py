@@ -26,6 +26,7 @@ from typing import Any
 
 import gradio as gr
 
+from owl.chatlog import ConversationLog
 from owl.conversation import Conversation
 from owl.errors import LimitExceeded, OwlError
 from owl.limits import RateLimiter, check_text, check_turn_images
@@ -157,8 +158,9 @@ def banner_markdown(info: dict) -> str | None:
     return None
 
 
-def build_demo(engine, settings: Settings, info: dict) -> gr.Blocks:
+def build_demo(engine, settings: Settings, info: dict, chatlog: ConversationLog | None = None) -> gr.Blocks:
     """The chat page for ``engine``; ``info`` describes the model (name, device, dtype, flags)."""
+    chatlog = chatlog or ConversationLog(settings.log_dir, settings.log_conversations)
     limiter = RateLimiter(settings.requests_per_minute)
     defaults = settings.default_params()
     examples = _examples()
@@ -214,9 +216,8 @@ def build_demo(engine, settings: Settings, info: dict) -> gr.Blocks:
             return
         finally:
             handle.cancel()  # no-op when finished; frees the engine when the page stopped listening
-        if not answer:
-            answer = "(no answer)"
-        yield [*history, {"role": "assistant", "content": escape_markdown_html(answer)}]
+        chatlog.record(conversation, answer, "page")
+        yield [*history, {"role": "assistant", "content": escape_markdown_html(answer or "(no answer)")}]
 
     def count_label(history: list[dict]) -> str:
         return f"🖼️ {count_images(history)} / {settings.max_images} images in this conversation"
@@ -460,7 +461,7 @@ def build_demo(engine, settings: Settings, info: dict) -> gr.Blocks:
             api_params = gr.JSON(label="parameters", value={})
             api_answer = gr.Textbox(label="answer")
         gr.Button(visible=False).click(
-            _api_handler(engine, settings, limiter, defaults),
+            _api_handler(engine, settings, limiter, defaults, chatlog),
             [api_text, api_images, api_history, api_params],
             [api_answer],
             api_name="generate",
@@ -475,7 +476,9 @@ def build_demo(engine, settings: Settings, info: dict) -> gr.Blocks:
     return demo
 
 
-def _api_handler(engine, settings: Settings, limiter: RateLimiter, defaults: GenerationParams):
+def _api_handler(
+    engine, settings: Settings, limiter: RateLimiter, defaults: GenerationParams, chatlog: ConversationLog
+):
     async def generate(text, images, history, parameters, request: gr.Request):
         try:
             limiter.check(_session(request))
@@ -487,7 +490,8 @@ def _api_handler(engine, settings: Settings, limiter: RateLimiter, defaults: Gen
             conversation, earlier = _api_conversation(history or [], parameters or {}, settings)
             check_turn_images(len(files), earlier, settings)
             params = _api_params(parameters or {}, settings, defaults)
-            handle = engine.submit_conversation(conversation.add_user(text, files), params)
+            conversation = conversation.add_user(text, files)
+            handle = engine.submit_conversation(conversation, params)
         except OwlError as err:
             raise gr.Error(str(err), title=err.kind) from None
         answer = ""
@@ -499,6 +503,7 @@ def _api_handler(engine, settings: Settings, limiter: RateLimiter, defaults: Gen
             raise gr.Error(str(err), title=err.kind) from None
         finally:
             handle.cancel()
+        chatlog.record(conversation, answer, "api")
         yield answer
 
     return generate
@@ -551,7 +556,7 @@ def _api_conversation(history: list, parameters: dict, settings: Settings) -> tu
         text = str(turn.get("text") or "")
         check_text(text, settings)
         if turn["role"] == "user":
-            files = [_materialize(source, settings) for source in turn.get("images") or []]
+            files = [_decode(source, settings) for source in turn.get("images") or []]
             images += len(files)
             conversation = conversation.add_user(text, files)
         else:
@@ -563,13 +568,29 @@ def _api_conversation(history: list, parameters: dict, settings: Settings) -> tu
     return conversation, images
 
 
-def _materialize(source: Any, settings: Settings) -> str:
-    """An image given inline (data URI / base64) saved as a temporary PNG; its path."""
+def _decode(source: Any, settings: Settings):
+    """An image given inline (data URI / base64, or a URL where allowed), decoded within the limits."""
     from owl.processing import ImageLimits, load_image
 
     limits = ImageLimits(max_bytes=int(settings.max_upload_mb * 2**20), max_pixels=settings.max_image_pixels)
-    image = load_image(source, allow_urls=settings.allow_image_urls, limits=limits)
-    path = Path(tempfile.gettempdir()) / f"owl-{uuid.uuid4().hex}.png"
+    return load_image(source, allow_urls=settings.allow_image_urls, allow_paths=False, limits=limits)
+
+
+IMPORTS = Path(tempfile.gettempdir()) / "owl-imports"
+IMPORT_MAX_AGE_S = 3600
+
+
+def _save_for_display(image) -> str:
+    """Imported images become files the chat can show; files older than an hour are removed."""
+    IMPORTS.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for old in IMPORTS.glob("*.png"):
+        try:
+            if now - old.stat().st_mtime > IMPORT_MAX_AGE_S:
+                old.unlink()
+        except OSError:
+            pass
+    path = IMPORTS / f"{uuid.uuid4().hex}.png"
     image.save(path)
     return str(path)
 
@@ -632,7 +653,7 @@ def import_data(data: dict, settings: Settings) -> tuple[list[dict], str | None]
             raise ValueError(f"unknown role {role!r}")
         content: list[Any] = []
         for source in turn.get("images") or []:
-            content.append({"path": _materialize(source, settings)})
+            content.append({"path": _save_for_display(_decode(source, settings))})
             images += 1
         if turn.get("text"):
             content.append(escape_markdown_html(str(turn["text"])))

@@ -88,7 +88,7 @@ def test_stop_frees_the_engine_and_the_next_request_starts(client, random_server
         (("hi", [], [{"role": "robot", "text": "x"}], {}), "role 'user' or 'assistant'"),
         (
             ("hi", [], [{"role": "user", "text": "x", "images": ["not base64 at all!"]}], {}),
-            "neither an existing file, a URL, nor base64",
+            "neither a data URI, an image URL, nor base64",
         ),
     ],
 )
