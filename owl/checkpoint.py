@@ -184,22 +184,15 @@ def _existing(path: Path) -> Path | None:
 
 def _download(repo_id: str) -> Path:
     """Fetch a hub repository's config, tokenizer and weights (safetensors preferred) into the HF cache."""
+    from owl.hub import download
+
     try:
-        from huggingface_hub import HfApi, snapshot_download
-    except ImportError as err:  # pragma: no cover - huggingface_hub comes with transformers
-        raise CheckpointError("loading from the hub needs huggingface_hub") from err
-    try:
-        files = HfApi().list_repo_files(repo_id)
-        weights = ["*.safetensors", "*.safetensors.index.json"]
-        if not any(f.endswith(".safetensors") for f in files):
-            weights = ["*.bin", "*.bin.index.json", "*.pth"]
-        folder = snapshot_download(repo_id, allow_patterns=["*.json", "tokenizer.model", *weights])
-    except Exception as err:
+        return download(repo_id)
+    except Exception as err:  # network, auth, missing repos, and an empty cache offline all end here
         raise CheckpointError(
             f"could not get {repo_id} from the HuggingFace hub ({type(err).__name__}: {err}); "
             "check the name and your network, or pass a local folder"
         ) from err
-    return Path(folder)
 
 
 # --- reading tensors -----------------------------------------------------------------------------

@@ -116,6 +116,12 @@ def load_settings(
                     raise ValueError(f"{defaults_file}: unknown setting {key!r}")
                 values[key] = value
     environ = os.environ if environ is None else environ
+    # Gradio's own variables, which hosting platforms (HuggingFace Spaces among them) set.
+    for name, gradio_name in (("host", "GRADIO_SERVER_NAME"), ("port", "GRADIO_SERVER_PORT")):
+        if environ.get(gradio_name):
+            values[name] = _coerce(fields[name].type, environ[gradio_name])
+    if environ.get("SPACE_ID") and "GRADIO_SERVER_NAME" not in environ:
+        values["host"] = "0.0.0.0"  # a Space reaches the app from outside the container
     for name, spec in fields.items():
         raw = environ.get(f"OWL_{name.upper()}")
         if raw is not None:

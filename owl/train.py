@@ -159,10 +159,13 @@ class JsonlData:
 
 
 class SyntheticData:
-    """Endless synthetic scenes and dialogues, example ``i`` a pure function of (seed, i)."""
+    """Endless synthetic scenes and dialogues, example ``i`` a pure function of (seed, i).
 
-    def __init__(self, seed: int, split: str = "train"):
-        self.seed, self.split = seed, split
+    ``extra_turns`` more questions per conversation give denser supervision per picture.
+    """
+
+    def __init__(self, seed: int, split: str = "train", extra_turns: int = 0):
+        self.seed, self.split, self.extra_turns = seed, split, extra_turns
 
     def __len__(self) -> int:
         return 10**9
@@ -170,7 +173,7 @@ class SyntheticData:
     def __getitem__(self, index: int) -> tuple[str, list[Image.Image]]:
         from owl.data.build import make_example
 
-        example = make_example(self.seed, index, split=self.split)
+        example = make_example(self.seed, index, split=self.split, extra_turns=self.extra_turns)
         return example.text, list(example.images)
 
 
@@ -297,6 +300,8 @@ class TrainSettings:
     max_minutes: float | None = None
     resume: bool = False
     lora_r: int = 8
+    vision_lr_scale: float = 1.0
+    extra_turns: int = 0  # synthetic data: more questions per conversation
 
 
 def build_start(settings: TrainSettings):
@@ -363,15 +368,9 @@ def train(settings: TrainSettings) -> Path:
     model = set_stage(model, settings.stage, lora_r=settings.lora_r)
     model.train()
     params = trainable_parameters(model)
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=settings.lr,
-        betas=(0.9, 0.98),
-    )
+    optimizer = torch.optim.AdamW(_param_groups(model, settings), lr=settings.lr, betas=(0.9, 0.98))
     data = (
-        SyntheticData(settings.data_seed)
+        SyntheticData(settings.data_seed, extra_turns=settings.extra_turns)
         if settings.data in (None, "synthetic")
         else JsonlData(settings.data)
     )
@@ -411,7 +410,7 @@ def train(settings: TrainSettings) -> Path:
             batch = make_batch(samples, tokenizer, config, settings.max_len, to_pixels, tokenize)
             loss = _loss(model, batch, device) / settings.grad_accum
             loss.backward()
-            losses.append(float(loss) * settings.grad_accum)
+            losses.append(loss.item() * settings.grad_accum)
         torch.nn.utils.clip_grad_norm_(params, settings.clip)
         optimizer.step()
         scheduler.step()
@@ -440,6 +439,23 @@ def train(settings: TrainSettings) -> Path:
     final = out / "final"
     _export(model, tokenizer, final, settings)
     return final
+
+
+def _param_groups(model, settings: TrainSettings) -> list[dict]:
+    """Weight decay on matrices only; the image side (vision, queries, abstractor) at ``vision_lr_scale`` x lr."""
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            image_side = not name.startswith("language_model.")
+            groups.setdefault((image_side, param.ndim >= 2), []).append(param)
+    return [
+        {
+            "params": params,
+            "weight_decay": settings.weight_decay if matrix else 0.0,
+            "lr": settings.lr * (settings.vision_lr_scale if image_side else 1.0),
+        }
+        for (image_side, matrix), params in groups.items()
+    ]
 
 
 def _schedule(settings: TrainSettings, steps: int):
@@ -567,6 +583,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
         ("threads", int),
         ("max-minutes", float),
         ("lora-r", int),
+        ("vision-lr-scale", float),
+        ("extra-turns", int),
     ]:
         parser.add_argument(f"--{name}", type=kind)
     parser.add_argument("--device")

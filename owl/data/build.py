@@ -72,7 +72,9 @@ class Example:
     text: str
 
 
-def plan_example(seed: int, index: int, *, split: str = "train", robust: bool = False) -> Plan:
+def plan_example(
+    seed: int, index: int, *, split: str = "train", robust: bool = False, extra_turns: int = 0
+) -> Plan:
     """The dialogue and render settings of example ``index``.
 
     The dialogue is drawn before the render settings, so ``robust=True`` gives the very same
@@ -82,17 +84,23 @@ def plan_example(seed: int, index: int, *, split: str = "train", robust: bool = 
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     key = f"owl-data:{split}:{seed}:{index}"
     rng = random.Random(key)
-    dialogue = random_dialogue(rng)
+    dialogue = random_dialogue(rng, extra_turns=extra_turns)
     pick = robustness_settings if robust else training_settings
     settings = tuple(pick(rng) for _ in dialogue.scenes)
     return Plan(dialogue, settings, tuple(f"{key}:image{j}" for j in range(len(settings))))
 
 
 def make_example(
-    seed: int, index: int, *, split: str = "train", robust: bool = False, system: str = DEMO_SYSTEM
+    seed: int,
+    index: int,
+    *,
+    split: str = "train",
+    robust: bool = False,
+    system: str = DEMO_SYSTEM,
+    extra_turns: int = 0,
 ) -> Example:
     """Example ``index`` in memory, images as PIL (JPEG artefacts included where its settings ask)."""
-    plan = plan_example(seed, index, split=split, robust=robust)
+    plan = plan_example(seed, index, split=split, robust=robust, extra_turns=extra_turns)
     images = tuple(
         render_with(scene, settings, random.Random(noise_seed))
         for scene, settings, noise_seed in zip(

@@ -692,8 +692,13 @@ def _weighted_order(rng: random.Random, names: Sequence[str], weights: dict[str,
     return sorted(names, key=lambda name: -(rng.random() ** (1.0 / weights.get(name, 1.0))))
 
 
-def random_dialogue(rng: random.Random, *, layout: str | None = None) -> Dialogue:
-    """A random conversation in one of :data:`DIALOGUE_LAYOUTS` (chosen by weight unless given)."""
+def random_dialogue(rng: random.Random, *, layout: str | None = None, extra_turns: int = 0) -> Dialogue:
+    """A random conversation in one of :data:`DIALOGUE_LAYOUTS` (chosen by weight unless given).
+
+    ``extra_turns`` appends that many more questions about the conversation's images (follow-ups
+    or new questions): denser supervision per picture for training. Drawn after everything else,
+    so the conversation's beginning is the same as without them.
+    """
     if layout is None:
         layout = rng.choices(list(DIALOGUE_LAYOUTS), weights=list(DIALOGUE_LAYOUTS.values()))[0]
     builders = {
@@ -706,6 +711,10 @@ def random_dialogue(rng: random.Random, *, layout: str | None = None) -> Dialogu
         raise ValueError(f"layout must be one of {tuple(builders)}, got {layout!r}")
     builder = _Builder(rng)
     builders[layout](builder)
+    for _ in range(extra_turns):
+        index = rng.randrange(len(builder.scenes))
+        ref = single_ref(rng) if len(builder.scenes) == 1 else ordinal_ref(index)
+        builder.follow_up_or_single(index, ref)
     return builder.build()
 
 
