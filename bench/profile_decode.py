@@ -41,7 +41,7 @@ def main() -> int:
     args = parser.parse_args()
     loaded = build(preset(args.preset), torch.device("cuda"), torch.bfloat16)
     settings = EngineSettings(max_batch=max(args.batches), max_seq_len=1024, request_timeout_s=None)
-    with Engine(loaded, settings) as engine:
+    with Engine(loaded, settings) as engine, torch.inference_mode():
         engine.submit(
             *make_requests(loaded, 1)[0], GenerationParams(max_new_tokens=8, ignore_eos=True)
         ).text()

@@ -26,8 +26,14 @@ def page(random_server):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run"],
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
         )
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(random_server.url)
@@ -114,17 +120,19 @@ def test_retry_answers_again(page):
 def test_undo_puts_the_question_back(page):
     page.wait_for_timeout(300)
     page.locator("#owl-undo").click()
-    page.wait_for_function("document.querySelectorAll(\"#owl-chat [data-testid='user']\").length == 0",
-                           timeout=10_000)
+    page.wait_for_function(
+        "document.querySelectorAll(\"#owl-chat [data-testid='user']\").length == 0", timeout=10_000
+    )
     assert page.locator("#owl-input textarea").input_value() == "Which image has a blue circle?"
 
 
 def test_html_is_shown_as_text_never_run(page):
     page.evaluate("window.__owl_xss = 0")
     open_parameters(page, 5)
-    ask(page, "<img src=x onerror=\"window.__owl_xss=1\"><script>window.__owl_xss=2</script><b>bold?</b>")
-    page.wait_for_function("document.querySelectorAll(\"#owl-chat [data-testid='user']\").length >= 1",
-                           timeout=15_000)
+    ask(page, '<img src=x onerror="window.__owl_xss=1"><script>window.__owl_xss=2</script><b>bold?</b>')
+    page.wait_for_function(
+        "document.querySelectorAll(\"#owl-chat [data-testid='user']\").length >= 1", timeout=15_000
+    )
     page.wait_for_timeout(1500)
     user = page.locator("#owl-chat [data-testid='user']").last
     assert "<script>window.__owl_xss=2</script>" in user.inner_text()
@@ -135,8 +143,9 @@ def test_html_is_shown_as_text_never_run(page):
 def test_clear_empties_the_chat_and_a_screenshot_is_saved(page):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.locator("#owl-clear").click()
-    page.wait_for_function("document.querySelectorAll(\"#owl-chat [data-testid='user']\").length == 0",
-                           timeout=10_000)
+    page.wait_for_function(
+        "document.querySelectorAll(\"#owl-chat [data-testid='user']\").length == 0", timeout=10_000
+    )
     open_parameters(page, 60)
     ask(page, "Describe this image in one sentence.", [EXAMPLES / "three-shapes.png"])
     page.wait_for_selector("#owl-chat [data-testid='bot']", timeout=20_000)
@@ -144,6 +153,7 @@ def test_clear_empties_the_chat_and_a_screenshot_is_saved(page):
     page.screenshot(path=str(ARTIFACTS / "chat.png"), full_page=True)
     assert (ARTIFACTS / "chat.png").stat().st_size > 10_000
     page.locator("#owl-clear").click()
-    page.wait_for_function("document.querySelectorAll(\"#owl-chat [data-testid='user']\").length == 0",
-                           timeout=10_000)
+    page.wait_for_function(
+        "document.querySelectorAll(\"#owl-chat [data-testid='user']\").length == 0", timeout=10_000
+    )
     assert "0 / 8 images" in page.locator("#owl-image-count").inner_text()
