@@ -292,7 +292,7 @@ _TINY_ABSTRACTOR = AbstractorConfig(
 )
 
 PRESETS: dict[str, OwlConfig] = {
-    # The embedded model (models/owl-tiny): the same architecture at about 6M parameters.
+    # The embedded model (models/owl-tiny): the same architecture at about 4M parameters.
     "owl-tiny": OwlConfig(
         name="owl-tiny",
         layout="hub",
@@ -309,10 +309,10 @@ PRESETS: dict[str, OwlConfig] = {
         text={
             **TINY_TEXT,
             "vocab_size": 1000,
-            "hidden_size": 256,
-            "intermediate_size": 704,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 8,
+            "hidden_size": 192,
+            "intermediate_size": 512,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 6,
             "max_position_embeddings": 512,
         },
         num_query_tokens=16,
