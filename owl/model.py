@@ -311,7 +311,9 @@ def build_language_model(text: dict) -> nn.Module:
     fields = dict(text)
     model_type = fields.pop("model_type")
     config = AutoConfig.for_model(model_type, **fields)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    # SDPA where the architecture has it (LLaMA); BLOOM's ALiBi attention is transformers' eager one.
+    attention = "sdpa" if model_type == "llama" else "eager"
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attention)
 
 
 class OwlModel(nn.Module):

@@ -245,12 +245,7 @@ def openai_router(
     def models(request: Request) -> Any:
         """The one model this server has loaded."""
         if not allowed(request):
-            return error_response(
-                401,
-                "missing or wrong API key: send Authorization: Bearer USER:PASSWORD",
-                "authentication_error",
-                code="invalid_api_key",
-            )
+            return _unauthorized()
         return {
             "object": "list",
             "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "owl"}],
@@ -273,12 +268,7 @@ def openai_router(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         """Answer a conversation of text and images, at once or streamed."""
         if not allowed(request):
-            return error_response(
-                401,
-                "missing or wrong API key: send Authorization: Bearer USER:PASSWORD",
-                "authentication_error",
-                code="invalid_api_key",
-            )
+            return _unauthorized()
         try:
             limiter.check(
                 request.headers.get("authorization") or (request.client.host if request.client else "?")
@@ -327,6 +317,15 @@ def openai_router(
         )
 
     return router
+
+
+def _unauthorized() -> JSONResponse:
+    return error_response(
+        401,
+        "missing or wrong API key: send Authorization: Bearer USER:PASSWORD",
+        "authentication_error",
+        code="invalid_api_key",
+    )
 
 
 def _finish(reason: str | None) -> str:

@@ -407,26 +407,10 @@ def build_demo(engine, settings: Settings, info: dict, chatlog: ConversationLog 
             api_visibility="private",
             concurrency_limit=None,
         )
-        again = retry.click(
-            rerun,
-            [chatbot, system, *param_inputs],
-            [chatbot],
-            api_visibility="private",
-            concurrency_limit=None,
-        )
-        again_icon = chatbot.retry(
-            rerun,
-            [chatbot, system, *param_inputs],
-            [chatbot],
-            api_visibility="private",
-            concurrency_limit=None,
-        )
-        edit_run = chatbot.edit(
-            edited,
-            [chatbot, system, *param_inputs],
-            [chatbot],
-            api_visibility="private",
-            concurrency_limit=None,
+        chat_inputs = [chatbot, system, *param_inputs]
+        again, again_icon, edit_run = (
+            listener(fn, chat_inputs, [chatbot], api_visibility="private", concurrency_limit=None)
+            for listener, fn in ((retry.click, rerun), (chatbot.retry, rerun), (chatbot.edit, edited))
         )
         running = [send, again, again_icon, edit_run]
         stop.click(None, cancels=running)

@@ -126,6 +126,7 @@ class DirectEngine:
     def _pump(self, handle: RequestHandle, prompt_ids, pixels, params: GenerationParams) -> None:
         handle.stats.started = time.monotonic()
         stats = GenerationStats()
+        reason, error = "stop", None
         try:
             for delta in self._generate(prompt_ids, pixels, params, handle._cancel, stats):
                 if handle.stats.first_token is None:
@@ -135,11 +136,11 @@ class DirectEngine:
             handle.stats.tokens = stats.tokens
             handle.stats.completion_tokens = stats.completion_tokens
             self.metrics.tokens += stats.completion_tokens
-            if stats.finish_reason == "cancelled":
+            reason = stats.finish_reason or "stop"
+            if reason == "cancelled":
                 self.metrics.cancelled += 1
             else:
                 self.metrics.completed += 1
-            handle._finish(stats.finish_reason or "stop")
         except Exception as err:
             error = (
                 err
@@ -149,10 +150,11 @@ class DirectEngine:
             if not isinstance(err, OwlError):
                 log.exception("request %s failed", handle.id)
             self.metrics.count_failure(error.kind)
-            handle._finish("error", error)
-        finally:
-            with self._lock:
-                self._in_flight -= 1
+            reason = "error"
+        # Free the place before the caller hears the answer is done, so it can ask again at once.
+        with self._lock:
+            self._in_flight -= 1
+        handle._finish(reason, error)
 
     def _generate_on_gpu(self, prompt_ids, pixels, params, cancel, stats):
         """The function that holds the GPU: the whole answer, streamed."""

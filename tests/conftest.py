@@ -79,6 +79,26 @@ def tiny_model():
 
 
 @pytest.fixture(scope="session")
+def tiny_loaded(tiny_model):
+    """The tiny model ready for an engine, with a byte tokenizer (its answers are bytes)."""
+    import torch
+
+    from owl.checkpoint import Loaded
+    from owl.processing import ImageProcessor
+    from owl.tokenizer import ByteTokenizer
+
+    return Loaded(
+        model=tiny_model,
+        tokenizer=ByteTokenizer(320),
+        processor=ImageProcessor(56),
+        config=tiny_model.config,
+        name="tiny",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+
+
+@pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory, tiny_model, tokenizer):
     """The tiny model in our export layout, with the test tokenizer."""
     from owl.checkpoint import save_export

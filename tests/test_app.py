@@ -116,3 +116,29 @@ def test_health_and_metrics(random_server):
         'owl_model_info{device="cpu"',
     ):
         assert name in metrics
+
+
+def test_export_and_import_keep_the_conversation(tmp_path):
+    from owl.settings import Settings
+    from owl.web import export_data, history_to_conversation, import_data
+
+    history = [
+        {"role": "user", "content": [{"path": f"{EXAMPLES}/red-circle.png"}, "What colour is &lt;it&gt;?"]},
+        {"role": "assistant", "content": "Red."},
+        {"role": "assistant", "content": "queue full", "metadata": {"title": "⚠️ Queue full"}},
+        {"role": "user", "content": ["And now?"]},
+    ]
+    exported = export_data(history, "Be brief.")
+    assert [t["role"] for t in exported["turns"]] == ["user", "assistant", "user"]  # notes are not exported
+    assert exported["turns"][0]["text"] == "What colour is <it>?"
+    restored, system = import_data(json.loads(json.dumps(exported)), Settings())
+    before = history_to_conversation(history, "Be brief.")
+    after = history_to_conversation(restored, system)
+    assert [(t.role, t.text, len(t.images)) for t in after.turns] == [
+        (t.role, t.text, len(t.images)) for t in before.turns
+    ]
+    from PIL import Image
+
+    picture = Image.open(after.turns[0].images[0]).convert("RGB")
+    assert picture.size == (320, 240) and picture.getpixel((112, 120)) == picture.getpixel((100, 110))
+    assert picture.getpixel((112, 120))[0] > 200 > picture.getpixel((112, 120))[1]  # the red circle came back

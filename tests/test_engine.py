@@ -8,29 +8,19 @@ import threading
 import pytest
 import torch
 
-from owl.checkpoint import Loaded
 from owl.engine import Engine, EngineSettings
 from owl.errors import OutOfMemory, QueueFullError, RequestFailed, RequestTimeout, WorkerUnavailable
 from owl.generation import GenerationStats, stream_generate
-from owl.processing import ImageProcessor, encode_prompt
+from owl.processing import encode_prompt
 from owl.sampling import GenerationParams
-from owl.tokenizer import ByteTokenizer
 
 LONG = GenerationParams(max_new_tokens=200, ignore_eos=True)
 SHORT = GenerationParams(max_new_tokens=12, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model):
-    return Loaded(
-        model=tiny_model,
-        tokenizer=ByteTokenizer(320),
-        processor=ImageProcessor(56),
-        config=tiny_model.config,
-        name="tiny",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-    )
+def loaded(tiny_loaded):
+    return tiny_loaded
 
 
 def request(loaded, seed: int, images: int = 1):

@@ -7,27 +7,17 @@ import asyncio
 import pytest
 import torch
 
-from owl.checkpoint import Loaded
 from owl.engine import EngineSettings
 from owl.errors import QueueFullError
 from owl.generation import GenerationStats, stream_generate
 from owl.params import GenerationParams
-from owl.processing import ImageProcessor, encode_prompt
-from owl.tokenizer import ByteTokenizer
+from owl.processing import encode_prompt
 from owl.zerogpu import DirectEngine, on_zero_gpu
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_model):
-    return Loaded(
-        model=tiny_model,
-        tokenizer=ByteTokenizer(320),
-        processor=ImageProcessor(56),
-        config=tiny_model.config,
-        name="tiny",
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-    )
+def loaded(tiny_loaded):
+    return tiny_loaded
 
 
 def request(loaded, seed):
