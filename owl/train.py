@@ -164,17 +164,31 @@ class SyntheticData:
     ``extra_turns`` more questions per conversation give denser supervision per picture.
     """
 
-    def __init__(self, seed: int, split: str = "train", extra_turns: int = 0):
+    def __init__(self, seed: int, split: str = "train", extra_turns: int = 0, easy_until: int = 0):
         self.seed, self.split, self.extra_turns = seed, split, extra_turns
+        # A curriculum: examples before ``easy_until`` are first lessons, then ever fewer of them.
+        self.easy_until = easy_until
+        self.layouts: dict[int, list] = {}
 
     def __len__(self) -> int:
         return 10**9
 
     def __getitem__(self, index: int) -> tuple[str, list[Image.Image]]:
-        from owl.data.build import make_example
+        from owl.data.build import easy_example, make_example
 
-        example = make_example(self.seed, index, split=self.split, extra_turns=self.extra_turns)
+        easy = self.easy_until and random.Random(f"curriculum:{self.seed}:{index}").random() < 1 - index / (
+            2 * self.easy_until
+        )
+        if easy:
+            example = easy_example(self.seed, index)
+        else:
+            example = make_example(self.seed, index, split=self.split, extra_turns=self.extra_turns)
+        self.layouts[index] = list(zip(example.dialogue.scenes, example.settings, strict=True))
         return example.text, list(example.images)
+
+    def layout(self, index: int) -> list:
+        """(scene, render settings) per image of example ``index`` (after it was drawn)."""
+        return self.layouts.pop(index)
 
 
 class RecipeAugment:
@@ -205,14 +219,16 @@ class Batch:
     attention_mask: torch.Tensor
     pixel_values: torch.Tensor
     answer_tokens: int
+    images_kept: list[int]  # per sample: images that survived truncation
 
 
 def make_batch(samples, tokenizer, config: OwlConfig, max_len: int, to_pixels, tokenize) -> Batch:
-    rows, pixels = [], []
+    rows, pixels, images_kept = [], [], []
     for text, images in samples:
         ids, labels = tokenize(text, tokenizer, config.num_image_tokens, max_len)
         kept = ids.count(IMAGE_TOKEN_ID) // config.num_image_tokens  # images that survived truncation
         pixels += [to_pixels(image) for image in images[:kept]]
+        images_kept.append(kept)
         rows.append((ids, labels))
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -225,7 +241,58 @@ def make_batch(samples, tokenizer, config: OwlConfig, max_len: int, to_pixels, t
         mask[r, : len(ids)] = 1
     size = config.vision.image_size
     stacked = torch.stack(pixels) if pixels else torch.empty(0, 3, size, size)
-    return Batch(input_ids, labels, mask, stacked, int((labels != IGNORE).sum()))
+    return Batch(input_ids, labels, mask, stacked, int((labels != IGNORE).sum()), images_kept)
+
+
+# --- auxiliary supervision of the image side (synthetic data only) ------------------------------
+
+
+class PatchProbe(torch.nn.Module):
+    """Training-only heads on the image side: the colour and shape under each patch (on the vision
+    encoder's tokens), and which colour-shape pairs the picture holds (on the abstractor's queries).
+
+    A vision tower trained from scratch learns from the language loss alone very slowly: at first
+    the answers barely depend on the picture, so little gradient reaches it. The synthetic world
+    knows what every patch shows, so this head asks the tower directly; it is dropped from the
+    exported model (which keeps exactly the mPLUG-Owl architecture).
+    """
+
+    def __init__(self, width: int, query_width: int):
+        from owl.data.scenes import BACKGROUNDS, COLOURS, SHAPE_KINDS
+
+        super().__init__()
+        self.colours = [*COLOURS, *(f"background:{b}" for b in BACKGROUNDS)]
+        self.shapes = ["none", *SHAPE_KINDS]
+        self.pairs = [(c, k) for c in COLOURS for k in SHAPE_KINDS]
+        self.colour = torch.nn.Linear(width, len(self.colours))
+        self.shape = torch.nn.Linear(width, len(self.shapes))
+        # Max over queries, then a linear read-out: only a query that holds "red and star" together
+        # can say "a red star is here", so this asks the abstractor to keep each object's features bound.
+        self.objects = torch.nn.Linear(query_width, len(self.pairs))
+
+    def labels(self, scene, settings, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grid*grid,) colour and shape classes: the object whose inner part covers a patch's centre."""
+        colours = torch.full((grid * grid,), self.colours.index(f"background:{scene.background}"))
+        shapes = torch.zeros(grid * grid, dtype=torch.long)
+        short = min(settings.width, settings.height)
+        for shape in scene.shapes:
+            # The picture is squashed to a square: a shape's extent differs along x and y.
+            rx = 0.8 * shape.radius * short / settings.width
+            ry = 0.8 * shape.radius * short / settings.height
+            for row in range(grid):
+                for col in range(grid):
+                    dx = ((col + 0.5) / grid - shape.x) / rx
+                    dy = ((row + 0.5) / grid - shape.y) / ry
+                    if dx * dx + dy * dy <= 1:
+                        colours[row * grid + col] = self.colours.index(shape.colour)
+                        shapes[row * grid + col] = self.shapes.index(shape.kind)
+        return colours, shapes
+
+    def loss(self, tokens: torch.Tensor, colours: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, 1:]  # (N, P, D) without the class token
+        return torch.nn.functional.cross_entropy(
+            self.colour(patches).flatten(0, 1), colours.flatten()
+        ) + torch.nn.functional.cross_entropy(self.shape(patches).flatten(0, 1), shapes.flatten())
 
 
 # --- what trains ---------------------------------------------------------------------------------
@@ -302,6 +369,8 @@ class TrainSettings:
     lora_r: int = 8
     vision_lr_scale: float = 1.0
     extra_turns: int = 0  # synthetic data: more questions per conversation
+    patch_probe: float = 0.0  # synthetic data: weight of the training-only patch probe (0: off)
+    easy_steps: int = 0  # synthetic data: a curriculum of simple pictures fading out over 2x these steps
 
 
 def build_start(settings: TrainSettings):
@@ -367,10 +436,26 @@ def train(settings: TrainSettings) -> Path:
     model, tokenizer, processor, device = build_start(settings)
     model = set_stage(model, settings.stage, lora_r=settings.lora_r)
     model.train()
-    params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(_param_groups(model, settings), lr=settings.lr, betas=(0.9, 0.98))
+    probe = None
+    if settings.patch_probe and settings.data in (None, "synthetic"):
+        probe = PatchProbe(model.config.vision.hidden_size, model.config.abstractor.hidden_size).to(device)
+    params = trainable_parameters(model) + ([] if probe is None else list(probe.parameters()))
+    groups = _param_groups(model, settings)
+    if probe is not None:
+        groups.append(
+            {
+                "params": list(probe.parameters()),
+                "weight_decay": 0.0,
+                "lr": settings.lr * settings.vision_lr_scale,
+            }
+        )
+    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.98))
     data = (
-        SyntheticData(settings.data_seed, extra_turns=settings.extra_turns)
+        SyntheticData(
+            settings.data_seed,
+            extra_turns=settings.extra_turns,
+            easy_until=settings.easy_steps * settings.batch_size * settings.grad_accum,
+        )
         if settings.data in (None, "synthetic")
         else JsonlData(settings.data)
     )
@@ -389,6 +474,8 @@ def train(settings: TrainSettings) -> Path:
         state = torch.load(state_file, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if probe is not None and "probe" in state:
+            probe.load_state_dict(state["probe"])
         start_step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed at step %d", start_step)
@@ -406,9 +493,18 @@ def train(settings: TrainSettings) -> Path:
         optimizer.zero_grad(set_to_none=True)
         for micro in range(settings.grad_accum):
             first = step * per_step + micro * settings.batch_size
-            samples = [data[i] for i in range(first, first + settings.batch_size)]
+            indices = range(first, first + settings.batch_size)
+            samples = [data[i] for i in indices]
             batch = make_batch(samples, tokenizer, config, settings.max_len, to_pixels, tokenize)
-            loss = _loss(model, batch, device) / settings.grad_accum
+            if probe is not None:
+                layouts = [
+                    item
+                    for i, kept in zip(indices, batch.images_kept, strict=True)
+                    for item in data.layout(i)[:kept]
+                ]
+                loss = _loss_with_probe(model, probe, batch, layouts, settings, device) / settings.grad_accum
+            else:
+                loss = _loss(model, batch, device) / settings.grad_accum
             loss.backward()
             losses.append(loss.item() * settings.grad_accum)
         torch.nn.utils.clip_grad_norm_(params, settings.clip)
@@ -428,7 +524,7 @@ def train(settings: TrainSettings) -> Path:
             settings.max_minutes is not None and time.monotonic() - started > settings.max_minutes * 60
         )
         if done % settings.save_every == 0 or done == steps or out_of_time:
-            _save(model, tokenizer, optimizer, scheduler, done, out, settings)
+            _save(model, tokenizer, optimizer, scheduler, done, out, settings, probe)
         if out_of_time:
             tqdm.write(
                 f"stopping at step {done}: the time budget of {settings.max_minutes} minutes is spent",
@@ -468,6 +564,25 @@ def _schedule(settings: TrainSettings, steps: int):
         )
 
     return factor
+
+
+def _loss_with_probe(model, probe: PatchProbe, batch: Batch, layouts, settings: TrainSettings, device):
+    """The language loss plus the patch probe's, from one forward pass (the vision output is kept)."""
+    captured = {}
+    hook = model.vision_model.register_forward_hook(
+        lambda module, args, out: captured.__setitem__("tokens", out)
+    )
+    try:
+        loss = _loss(model, batch, device)
+    finally:
+        hook.remove()
+    if "tokens" not in captured or not layouts:
+        return loss
+    grid = model.config.vision.image_size // model.config.vision.patch_size
+    labels = [probe.labels(scene, render, grid) for scene, render in layouts]
+    colours = torch.stack([c for c, _ in labels]).to(device)
+    shapes = torch.stack([s for _, s in labels]).to(device)
+    return loss + settings.patch_probe * probe.loss(captured["tokens"], colours, shapes)
 
 
 def _loss(model, batch: Batch, device) -> torch.Tensor:
@@ -512,7 +627,9 @@ def _export(model, tokenizer, folder: Path, settings: TrainSettings) -> None:
     save_export(model, tokenizer, folder)
 
 
-def _save(model, tokenizer, optimizer, scheduler, step: int, out: Path, settings: TrainSettings) -> None:
+def _save(
+    model, tokenizer, optimizer, scheduler, step: int, out: Path, settings: TrainSettings, probe=None
+) -> None:
     _export(model, tokenizer, out / "latest", settings)
     state = {
         "optimizer": optimizer.state_dict(),
@@ -520,6 +637,8 @@ def _save(model, tokenizer, optimizer, scheduler, step: int, out: Path, settings
         "step": step,
         "torch_rng": torch.get_rng_state(),
     }
+    if probe is not None:
+        state["probe"] = probe.state_dict()
     tmp = out / "training_state.pt.tmp"
     torch.save(state, tmp)
     tmp.replace(out / "training_state.pt")
@@ -539,6 +658,8 @@ TINY_RECIPE = {
     "lr": 1e-3,
     "vision_lr_scale": 3.0,
     "extra_turns": 2,
+    "patch_probe": 0.5,
+    "easy_steps": 1000,
     "min_lr_ratio": 0.05,
     "warmup": 100,
     "weight_decay": 0.01,
@@ -587,6 +708,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
         ("lora-r", int),
         ("vision-lr-scale", float),
         ("extra-turns", int),
+        ("patch-probe", float),
+        ("easy-steps", int),
     ]:
         parser.add_argument(f"--{name}", type=kind)
     parser.add_argument("--device")

@@ -105,6 +105,12 @@ def history_to_conversation(history: list[dict], system: str | None) -> Conversa
     return conversation
 
 
+def _with_text(message: dict, text: str) -> dict:
+    """The message with its text replaced by ``text`` (its images kept)."""
+    files = [part for part in _parts(message.get("content")) if _part_path(part)]
+    return {**message, "content": [*files, escape_markdown_html(_unescape(text))]}
+
+
 def count_images(history: list[dict]) -> int:
     return sum(
         1
@@ -365,7 +371,10 @@ def build_demo(engine, settings: Settings, info: dict, chatlog: ConversationLog 
             request: gr.Request,
         ):
             """A user message was edited: run the conversation again from there."""
-            history = [m for m in history or [] if not _is_note(m)][: edit.index + 1]
+            index = edit.index[0] if isinstance(edit.index, (list, tuple)) else edit.index
+            history = [m for m in history or [] if not _is_note(m)][: index + 1]
+            if history and isinstance(edit.value, str):
+                history[-1] = _with_text(history[-1], edit.value)
             async for updated in rerun(
                 history, system_text, max_new, sample, temp, k, p, penalty, seed_value, request
             ):

@@ -142,3 +142,13 @@ def test_export_and_import_keep_the_conversation(tmp_path):
     picture = Image.open(after.turns[0].images[0]).convert("RGB")
     assert picture.size == (320, 240) and picture.getpixel((112, 120)) == picture.getpixel((100, 110))
     assert picture.getpixel((112, 120))[0] > 200 > picture.getpixel((112, 120))[1]  # the red circle came back
+
+
+def test_the_readme_client_example_works(client):
+    job = client.submit(
+        "Which image has a red circle?",
+        [handle_file(f"{EXAMPLES}/pair-left.png"), handle_file(f"{EXAMPLES}/red-circle.png")],
+        api_name="/generate",
+    )
+    partial = list(job)
+    assert partial and job.outputs()[-1].startswith(partial[0])

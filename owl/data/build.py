@@ -268,3 +268,30 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+EASY_KINDS = ("colour", "shape", "describe", "background", "count", "exists")
+
+
+def easy_example(seed: int, index: int, *, system: str = DEMO_SYSTEM) -> Example:
+    """A first-lessons example: one picture of one or two objects and 3-4 plain questions about it.
+
+    Early in training the answers barely depend on the picture, so the language model learns to
+    ignore it; pictures this simple make looking pay off from the first steps (a curriculum).
+    """
+    from owl.data.dialogues import SINGLE_QUESTIONS, Dialogue, Turn, single_ref
+    from owl.data.scenes import random_scene
+
+    rng = random.Random(f"owl-data:easy:{seed}:{index}")
+    scene = random_scene(rng, num_objects=rng.choice((1, 1, 2)))
+    turns: list[Turn] = []
+    for kind in rng.sample(EASY_KINDS, k=len(EASY_KINDS)):
+        asked = SINGLE_QUESTIONS[kind](rng, scene, single_ref(rng))
+        if asked is not None and all(t.question != asked.question for t in turns):
+            turns.append(Turn(asked.question, asked.answer, asked.kind, 1 if not turns else 0))
+        if len(turns) == 4:
+            break
+    dialogue = Dialogue((scene,), tuple(turns))
+    settings = training_settings(rng)
+    image = render_with(scene, settings, random.Random(f"owl-data:easy:{seed}:{index}:image0"))
+    return Example(dialogue, (settings,), (image,), render_text(dialogue, system=system))
