@@ -248,8 +248,7 @@ def make_batch(samples, tokenizer, config: OwlConfig, max_len: int, to_pixels, t
 
 
 class PatchProbe(torch.nn.Module):
-    """Training-only heads on the image side: the colour and shape under each patch (on the vision
-    encoder's tokens), and which colour-shape pairs the picture holds (on the abstractor's queries).
+    """A training-only head on the vision encoder: the colour and shape under each patch.
 
     A vision tower trained from scratch learns from the language loss alone very slowly: at first
     the answers barely depend on the picture, so little gradient reaches it. The synthetic world
@@ -257,18 +256,14 @@ class PatchProbe(torch.nn.Module):
     exported model (which keeps exactly the mPLUG-Owl architecture).
     """
 
-    def __init__(self, width: int, query_width: int):
+    def __init__(self, width: int):
         from owl.data.scenes import BACKGROUNDS, COLOURS, SHAPE_KINDS
 
         super().__init__()
         self.colours = [*COLOURS, *(f"background:{b}" for b in BACKGROUNDS)]
         self.shapes = ["none", *SHAPE_KINDS]
-        self.pairs = [(c, k) for c in COLOURS for k in SHAPE_KINDS]
         self.colour = torch.nn.Linear(width, len(self.colours))
         self.shape = torch.nn.Linear(width, len(self.shapes))
-        # Max over queries, then a linear read-out: only a query that holds "red and star" together
-        # can say "a red star is here", so this asks the abstractor to keep each object's features bound.
-        self.objects = torch.nn.Linear(query_width, len(self.pairs))
 
     def labels(self, scene, settings, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(grid*grid,) colour and shape classes: the object whose inner part covers a patch's centre."""
@@ -438,7 +433,7 @@ def train(settings: TrainSettings) -> Path:
     model.train()
     probe = None
     if settings.patch_probe and settings.data in (None, "synthetic"):
-        probe = PatchProbe(model.config.vision.hidden_size, model.config.abstractor.hidden_size).to(device)
+        probe = PatchProbe(model.config.vision.hidden_size).to(device)
     params = trainable_parameters(model) + ([] if probe is None else list(probe.parameters()))
     groups = _param_groups(model, settings)
     if probe is not None:

@@ -69,7 +69,7 @@ def test_stages_freeze_what_the_recipe_freezes(stage, trains_vision, trains_lang
 def test_patch_probe_labels_the_patches_under_an_object():
     from owl.data.scenes import RenderSettings, Scene, Shape
 
-    probe = PatchProbe(32, 32)
+    probe = PatchProbe(32)
     scene = Scene("white", (Shape("circle", "red", "large", 0.5, 0.5, 0.18),))
     colours, shapes = probe.labels(scene, RenderSettings(width=200, height=200), grid=8)
     centre = [27, 28, 35, 36]  # the four patches around the middle of an 8x8 grid
