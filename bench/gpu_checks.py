@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from owl.checkpoint import Loaded, build_model, detect_layout, load_config, load_weights, read_keys, resolve  # noqa: E402
-from owl.config import AbstractorConfig, OwlConfig, VisionConfig, preset  # noqa: E402
+from owl.config import LLAMA_7B_TEXT, AbstractorConfig, OwlConfig, VisionConfig, preset  # noqa: E402
 from owl.engine import Engine, EngineSettings  # noqa: E402
 from owl.generation import GenerationStats, stream_generate  # noqa: E402
 from owl.model import OwlModel, init_weights  # noqa: E402
@@ -142,18 +142,11 @@ MID = OwlConfig(
         encoder_hidden_size=512,
     ),
     text={
-        "model_type": "llama",
-        "vocab_size": 32000,
-        "hidden_size": 2048,
-        "intermediate_size": 5504,
-        "num_hidden_layers": 16,
-        "num_attention_heads": 16,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 2,
-        "tie_word_embeddings": False,
+        **LLAMA_7B_TEXT,
+        "hidden_size": 1536,
+        "intermediate_size": 4096,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
     },
     num_query_tokens=64,
 )

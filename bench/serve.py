@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from owl.checkpoint import Loaded, build_model
-from owl.config import AbstractorConfig, OwlConfig, VisionConfig, preset
+from owl.config import LLAMA_7B_TEXT, AbstractorConfig, OwlConfig, VisionConfig, preset
 from owl.engine import Engine, EngineSettings
 from owl.params import GenerationParams
 from owl.processing import ImageProcessor
@@ -43,18 +43,12 @@ CPU_BENCH = OwlConfig(
         encoder_hidden_size=384,
     ),
     text={
-        "model_type": "llama",
+        **LLAMA_7B_TEXT,
         "vocab_size": 8000,
         "hidden_size": 512,
         "intermediate_size": 1408,
         "num_hidden_layers": 8,
         "num_attention_heads": 8,
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 2,
-        "tie_word_embeddings": False,
     },
     num_query_tokens=32,
 )
