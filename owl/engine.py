@@ -222,9 +222,6 @@ class SlotCache:
         self.read_len = 1
         self.layers = self.keys  # transformers checks len(cache.layers) in places
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
     def set_step(self, rows: torch.Tensor, positions: torch.Tensor, read_start: int, read_len: int) -> None:
         self.rows, self.positions, self.read_start, self.read_len = rows, positions, read_start, read_len
 

@@ -28,6 +28,28 @@ def check_turn_images(new: int, earlier: int, settings) -> None:
         )
 
 
+def check_new_tokens(wanted: int, settings) -> None:
+    if wanted > settings.max_new_tokens:
+        raise LimitExceeded(f"at most {settings.max_new_tokens} new tokens per answer on this server")
+
+
+def image_limits(settings):
+    """The server's per-image limits (size and pixels) as the image decoder takes them."""
+    from owl.processing import ImageLimits
+
+    return ImageLimits(max_bytes=int(settings.max_upload_mb * 2**20), max_pixels=settings.max_image_pixels)
+
+
+def decode_client_image(source, settings):
+    """An image a client sent inline (data URI, base64, or a URL where allowed), decoded within the
+    limits at the edge: a bad image fails before it queues, and no string opens a server file."""
+    from owl.processing import load_image
+
+    return load_image(
+        source, allow_urls=settings.allow_image_urls, allow_paths=False, limits=image_limits(settings)
+    )
+
+
 class RateLimiter:
     """At most ``per_minute`` requests per client in any 60-second window (0 turns it off)."""
 

@@ -24,9 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from owl.chatlog import ConversationLog
 from owl.conversation import Conversation
 from owl.errors import BadRequest, LimitExceeded, OwlError
-from owl.limits import RateLimiter, check_text, check_turn_images
+from owl.limits import RateLimiter, check_text, check_turn_images, decode_client_image
 from owl.params import GenerationParams
-from owl.processing import ImageLimits, load_image
 
 
 class ImageURL(BaseModel):
@@ -186,17 +185,12 @@ def to_conversation(messages: list[Message], settings) -> Conversation:
     if not turns or turns[-1][0] != "user":
         raise BadRequest("the last message must be the user's: that is what gets answered")
     conversation = Conversation() if system is None else Conversation(system=system)
-    limits = ImageLimits(max_bytes=int(settings.max_upload_mb * 2**20), max_pixels=settings.max_image_pixels)
     seen = 0
     for role, text, images in turns:
         if role == "user":
             check_turn_images(len(images), seen, settings)
             seen += len(images)
-            # Decoded here, at the edge: a bad image fails before it queues, and no string opens a file.
-            decoded = [
-                load_image(url, allow_urls=settings.allow_image_urls, allow_paths=False, limits=limits)
-                for url in images
-            ]
+            decoded = [decode_client_image(url, settings) for url in images]
             conversation = conversation.add_user(text, decoded)
         else:
             if conversation.turns and conversation.turns[-1].role == "assistant":

@@ -179,11 +179,9 @@ def start(settings: Settings):
         quantize=settings.quantize,
         allow_image_urls=settings.allow_image_urls,
     )
-    from owl.processing import ImageLimits
+    from owl.limits import image_limits
 
-    loaded.processor.limits = ImageLimits(
-        max_bytes=int(settings.max_upload_mb * 2**20), max_pixels=settings.max_image_pixels
-    )
+    loaded.processor.limits = image_limits(settings)
     engine = Engine(
         loaded,
         EngineSettings(

@@ -29,7 +29,7 @@ import gradio as gr
 from owl.chatlog import ConversationLog
 from owl.conversation import Conversation
 from owl.errors import LimitExceeded, OwlError
-from owl.limits import RateLimiter, check_text, check_turn_images
+from owl.limits import RateLimiter, check_new_tokens, check_text, check_turn_images, decode_client_image
 from owl.params import GenerationParams
 from owl.settings import Settings
 
@@ -175,8 +175,7 @@ def build_demo(engine, settings: Settings, info: dict, chatlog: ConversationLog 
     def params_from(
         max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed
     ) -> GenerationParams:
-        if max_new_tokens > settings.max_new_tokens:
-            raise LimitExceeded(f"at most {settings.max_new_tokens} new tokens per answer on this server")
+        check_new_tokens(max_new_tokens, settings)
         return GenerationParams(
             max_new_tokens=int(max_new_tokens),
             do_sample=bool(do_sample),
@@ -520,8 +519,7 @@ def _api_params(data: dict, settings: Settings, defaults: GenerationParams) -> G
     if unknown:
         raise LimitExceeded(f"unknown parameters: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     values = {k: v for k, v in data.items() if k != "system" and v is not None}
-    if values.get("max_new_tokens", 0) > settings.max_new_tokens:
-        raise LimitExceeded(f"at most {settings.max_new_tokens} new tokens per answer on this server")
+    check_new_tokens(values.get("max_new_tokens", 0), settings)
     base = {
         name: getattr(defaults, name)
         for name in (
@@ -550,7 +548,7 @@ def _api_conversation(history: list, parameters: dict, settings: Settings) -> tu
         text = str(turn.get("text") or "")
         check_text(text, settings)
         if turn["role"] == "user":
-            files = [_decode(source, settings) for source in turn.get("images") or []]
+            files = [decode_client_image(source, settings) for source in turn.get("images") or []]
             images += len(files)
             conversation = conversation.add_user(text, files)
         else:
@@ -560,14 +558,6 @@ def _api_conversation(history: list, parameters: dict, settings: Settings) -> tu
             f"the history holds {images} images; the limit is {settings.max_images} per conversation"
         )
     return conversation, images
-
-
-def _decode(source: Any, settings: Settings):
-    """An image given inline (data URI / base64, or a URL where allowed), decoded within the limits."""
-    from owl.processing import ImageLimits, load_image
-
-    limits = ImageLimits(max_bytes=int(settings.max_upload_mb * 2**20), max_pixels=settings.max_image_pixels)
-    return load_image(source, allow_urls=settings.allow_image_urls, allow_paths=False, limits=limits)
 
 
 IMPORTS = Path(tempfile.gettempdir()) / "owl-imports"
@@ -647,7 +637,7 @@ def import_data(data: dict, settings: Settings) -> tuple[list[dict], str | None]
             raise ValueError(f"unknown role {role!r}")
         content: list[Any] = []
         for source in turn.get("images") or []:
-            content.append({"path": _save_for_display(_decode(source, settings))})
+            content.append({"path": _save_for_display(decode_client_image(source, settings))})
             images += 1
         if turn.get("text"):
             content.append(escape_markdown_html(str(turn["text"])))
