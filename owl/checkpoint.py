@@ -387,7 +387,7 @@ def build_model(config: OwlConfig, *, device: torch.device, dtype: torch.dtype, 
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_config(resolved: Resolved, config: str | Path | OwlConfig | None, layout: str) -> OwlConfig:
+def load_config(resolved: Resolved, config: str | Path | OwlConfig | None, layout: str | None) -> OwlConfig:
     if isinstance(config, OwlConfig):
         chosen = config
     elif isinstance(config, str) and config in PRESETS:
@@ -403,7 +403,7 @@ def load_config(resolved: Resolved, config: str | Path | OwlConfig | None, layou
             f"{resolved.name} has no config.json; pass --config PATH (a hub-schema config.json) or a preset name "
             f"({', '.join(sorted(PRESETS))})"
         )
-    if chosen.layout != layout:
+    if layout is not None and chosen.layout != layout:
         chosen = chosen.replace(layout=layout)
     return chosen
 
@@ -436,7 +436,10 @@ def load(
         )
 
     if resolved.random_preset is not None:
-        owl_config = config if isinstance(config, OwlConfig) else preset(resolved.random_preset)
+        # --config (a preset name or a config.json) replaces the preset's architecture, e.g. a longer context.
+        owl_config = (
+            preset(resolved.random_preset) if config is None else load_config(resolved, config, layout=None)
+        )
         model = build_model(owl_config, device=target, dtype=torch_dtype)
     else:
         layout = detect_layout(read_keys(resolved.weights))

@@ -274,7 +274,9 @@ def build_demo(engine, settings: Settings, info: dict, chatlog: ConversationLog 
                         label="Max new tokens",
                     )
                     do_sample = gr.Checkbox(
-                        value=defaults.do_sample, label="Sample (off: greedy, deterministic)"
+                        value=defaults.do_sample,
+                        label="Sample (off: greedy, deterministic)",
+                        elem_id="owl-sample",
                     )
                     temperature = gr.Slider(
                         0.05, 2.0, value=defaults.temperature, step=0.05, label="Temperature"

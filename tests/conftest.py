@@ -161,11 +161,19 @@ class RunningServer:
 
 
 @pytest.fixture(scope="session")
-def random_server():
-    """The app on a tiny random model: fast, and it talks until its token budget runs out."""
+def random_server(tmp_path_factory):
+    """The app on a tiny random model with a long context: fast, and greedy, it talks until its token
+    budget runs out (sampled, it may pick the end token early)."""
+    from owl import preset
+
+    tiny = preset("tiny")
+    config = tmp_path_factory.mktemp("random-server") / "config.json"
+    tiny.replace(text={**tiny.text, "max_position_embeddings": 4096}).save(config)
     server = RunningServer(
         "--checkpoint",
         "random:tiny",
+        "--config",
+        str(config),
         "--max-new-tokens",
         "1024",
         "--max-batch",

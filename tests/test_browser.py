@@ -56,9 +56,11 @@ def user_count(page) -> int:
 
 
 def open_parameters(page, max_tokens: int) -> None:
+    """Greedy decoding (the random model then talks until the budget runs out) and a token budget."""
     accordion = page.locator("#owl-params")
     if not accordion.locator("input[type='number']").first.is_visible():
         accordion.locator("button").first.click()
+    page.locator("#owl-sample input[type='checkbox']").set_checked(False)
     box = page.locator("#owl-params input[type='number']").first
     box.fill(str(max_tokens))
     box.press("Enter")

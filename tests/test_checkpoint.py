@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from interface import get_model
+from owl import preset
 from owl.checkpoint import CheckpointError, load, save_export
 from tests.conftest import make_tiny
 
@@ -182,3 +183,13 @@ def test_dtype_is_applied_while_loading(tiny_export):
     loaded = load(tiny_export, dtype="bfloat16")
     assert {p.dtype for p in loaded.model.parameters()} == {torch.bfloat16}
     assert loaded.model.language_model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+def test_random_weights_take_their_architecture_from_config(tmp_path):
+    assert load("random:tiny").config.max_positions == 256
+    longer = preset("tiny")
+    longer = longer.replace(text={**longer.text, "max_position_embeddings": 4096})
+    longer.save(tmp_path / "config.json")
+    loaded = load("random:tiny", config=tmp_path / "config.json")
+    assert loaded.config.max_positions == 4096
+    assert load("random:tiny", config="tiny-v0").config.layout == "v0"
