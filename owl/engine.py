@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -437,6 +438,12 @@ class Engine:
             try:
                 self._prefill_and_seat(group)
             except Exception:
+                if len(group) == 1:
+                    self._fail(group[0][0].handle, sys.exc_info()[1])
+                    continue
+                log.warning(
+                    "prefill of %d requests failed; prefilling them one by one", len(group), exc_info=True
+                )
                 # Find the request that fails by prefilling the group one by one.
                 for waiting, embeds in group:
                     try:
@@ -488,9 +495,10 @@ class Engine:
             ids[row, : lengths[row]] = torch.tensor(waiting.prompt_ids)
         images = [embeds for _, embeds in group if embeds.numel()]
         embeds = self.model.embed(ids.to(device), torch.cat(images) if images else None)
-        positions = torch.arange(width, device=device).expand(len(group), width)
+        steps = torch.arange(width, device=device)
+        positions = steps.expand(len(group), width)
         valid = positions < torch.tensor(lengths, device=device).view(-1, 1)  # (n, L) real tokens
-        causal = positions.view(1, width, 1) >= positions.view(1, 1, width)  # (1, L, L)
+        causal = steps.view(1, width, 1) >= steps.view(1, 1, width)  # (1, L, L)
         mask = (causal & valid.view(-1, 1, width)).unsqueeze(1)  # (n, 1, L, L)
         rows = torch.arange(first, first + len(group), device=device)
         self._cache.set_step(rows, positions, first, width)

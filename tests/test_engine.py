@@ -89,6 +89,43 @@ def test_batched_greedy_answers_equal_the_same_requests_alone(loaded):
     assert [h.stats.tokens for h in handles] == expected
 
 
+def test_requests_that_arrive_together_are_prefilled_in_one_pass(loaded):
+    """While the worker is busy, three requests of different lengths queue; they are prefilled as one
+    padded batch (one forward pass), and each answer is still the one it gets alone."""
+    busy = threading.Event()
+    release = threading.Event()
+
+    def fault(handle, phase):
+        if handle.id == "req-1" and phase == "prefill":
+            busy.set()
+            release.wait(10)
+
+    prefills = []
+
+    def record(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and embeds.shape[1] > 1:
+            prefills.append(tuple(embeds.shape[:2]))
+
+    requests = [request(loaded, seed, images=seed % 3) for seed in range(20, 24)]
+    params = GenerationParams(max_new_tokens=16, ignore_eos=True)
+    expected = [alone(loaded, ids, pixels, params) for ids, pixels in requests]
+    hook = loaded.model.language_model.model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with Engine(loaded, EngineSettings(max_batch=4), fault_hook=fault) as engine:
+            handles = [engine.submit(*requests[0], params)]
+            assert busy.wait(10)
+            handles += [engine.submit(ids, pixels, params) for ids, pixels in requests[1:]]
+            release.set()
+            for handle in handles:
+                handle.text()
+    finally:
+        hook.remove()
+    longest = max(len(ids) for ids, _ in requests[1:])
+    assert prefills == [(1, len(requests[0][0])), (3, longest)]
+    assert [h.stats.tokens for h in handles] == expected
+
+
 def test_fixed_shape_decode_steps_match(loaded):
     """The path that becomes CUDA graphs on a GPU (padded batch, bucketed span) gives the same tokens."""
     requests = [request(loaded, seed) for seed in range(3)]
