@@ -171,6 +171,13 @@ def build_demo(engine, settings: Settings, info: dict, chatlog: ConversationLog 
     limiter = RateLimiter(settings.requests_per_minute)
     defaults = settings.default_params()
     examples = _examples()
+    # Each page session's running answers, so that Stop cancels them in the engine itself, whether or
+    # not the browser's cancellation of the streaming event reaches the server.
+    answering: dict[str, set] = {}
+
+    def stop_session(request: gr.Request):
+        for handle in list(answering.get(_session(request), ())):
+            handle.cancel()
 
     def params_from(
         max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed
@@ -201,6 +208,7 @@ def build_demo(engine, settings: Settings, info: dict, chatlog: ConversationLog 
             return
         answer = ""
         shown_position = None
+        answering.setdefault(session, set()).add(handle)
         try:
             async for item in handle.updates(poll_s=0.5):
                 if isinstance(item, int):  # still waiting: its place in the queue
@@ -222,6 +230,10 @@ def build_demo(engine, settings: Settings, info: dict, chatlog: ConversationLog 
             return
         finally:
             handle.cancel()  # no-op when finished; frees the engine when the page stopped listening
+            mine = answering.get(session, set())
+            mine.discard(handle)
+            if not mine:
+                answering.pop(session, None)
         chatlog.record(conversation, answer, "page")
         yield [*history, {"role": "assistant", "content": escape_markdown_html(answer or "(no answer)")}]
 
@@ -424,8 +436,8 @@ def build_demo(engine, settings: Settings, info: dict, chatlog: ConversationLog 
             for listener, fn in ((retry.click, rerun), (chatbot.retry, rerun), (chatbot.edit, edited))
         )
         running = [send, again, again_icon, edit_run]
-        stop.click(None, cancels=running)
-        textbox.stop(None, cancels=running)
+        for stopper in (stop.click, textbox.stop):
+            stopper(stop_session, None, None, cancels=running, queue=False, api_visibility="private")
         undo.click(
             undo_last, [chatbot], [chatbot, textbox, image_count], cancels=running, api_visibility="private"
         )

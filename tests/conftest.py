@@ -162,13 +162,15 @@ class RunningServer:
 
 @pytest.fixture(scope="session")
 def random_server(tmp_path_factory):
-    """The app on a tiny random model with a long context: fast, and greedy, it talks until its token
-    budget runs out (sampled, it may pick the end token early)."""
+    """The app on a small random model with a long context. Greedy, it talks until its token budget
+    runs out (sampled, it may pick the end token early), at a few hundred tokens a second: slow enough
+    that Stop arrives while it is still talking, fast enough for quick tests."""
     from owl import preset
 
     tiny = preset("tiny")
     config = tmp_path_factory.mktemp("random-server") / "config.json"
-    tiny.replace(text={**tiny.text, "max_position_embeddings": 4096}).save(config)
+    text = {**tiny.text, "max_position_embeddings": 4096, "hidden_size": 256, "intermediate_size": 512}
+    tiny.replace(text={**text, "num_hidden_layers": 4}).save(config)
     server = RunningServer(
         "--checkpoint",
         "random:tiny",

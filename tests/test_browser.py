@@ -42,6 +42,22 @@ def page(random_server):
         browser.close()
 
 
+def health(server) -> dict:
+    import json
+    import urllib.request
+
+    return json.loads(urllib.request.urlopen(f"{server.url}/health", timeout=5).read())
+
+
+def request_count(server, outcome: str) -> int:
+    """Requests by outcome (submitted, completed, cancelled), from the server's /metrics."""
+    import re
+    import urllib.request
+
+    metrics = urllib.request.urlopen(f"{server.url}/metrics", timeout=5).read().decode()
+    return int(float(re.search(rf'owl_requests_total\{{outcome="{outcome}"\}} (\S+)', metrics).group(1)))
+
+
 def answer_text(page) -> str:
     bots = page.locator("#owl-chat .message-row.bot-row, #owl-chat [data-testid='bot']")
     return bots.last.inner_text() if bots.count() else ""
@@ -87,8 +103,23 @@ def wait_growing(page, timeout: float = 30.0) -> list[int]:
     return lengths
 
 
+def wait_settled(page, quiet: float = 1.0, timeout: float = 15.0) -> str:
+    """The last answer once it has not changed for ``quiet`` seconds (the page may still be drawing
+    updates that left the server before Stop)."""
+    text, since = answer_text(page), time.monotonic()
+    deadline = since + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = answer_text(page)
+        if now != text:
+            text, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return text
+    raise AssertionError(f"the answer was still changing after {timeout} s")
+
+
 def test_upload_two_images_ask_and_watch_the_stream(page):
-    open_parameters(page, 800)
+    open_parameters(page, 1000)
     ask(page, "Which image has a blue circle?", [EXAMPLES / "pair-left.png", EXAMPLES / "pair-right.png"])
     page.wait_for_selector("#owl-chat [data-testid='user'] img", timeout=15_000)
     lengths = wait_growing(page)
@@ -98,16 +129,13 @@ def test_upload_two_images_ask_and_watch_the_stream(page):
 
 
 def test_stop_ends_the_answer(page, random_server):
+    cancelled = request_count(random_server, "cancelled")
     page.locator("#owl-stop").click()
-    time.sleep(0.5)
-    frozen = answer_text(page)
+    frozen = wait_settled(page)
     time.sleep(1.0)
     assert answer_text(page) == frozen, "the answer kept growing after Stop"
-    import json
-    import urllib.request
-
-    health = json.loads(urllib.request.urlopen(f"{random_server.url}/health", timeout=5).read())
-    assert health["active"] == 0
+    assert health(random_server)["active"] == 0
+    assert request_count(random_server, "cancelled") == cancelled + 1, "the answer ran to its end"
 
 
 def test_retry_answers_again(page):
@@ -116,6 +144,7 @@ def test_retry_answers_again(page):
     lengths = wait_growing(page)
     assert len(set(lengths)) >= 2
     page.locator("#owl-stop").click()
+    wait_settled(page)
     assert user_count(page) == users  # the question was not duplicated
 
 
@@ -159,3 +188,29 @@ def test_clear_empties_the_chat_and_a_screenshot_is_saved(page):
         "document.querySelectorAll(\"#owl-chat [data-testid='user']\").length == 0", timeout=10_000
     )
     assert "0 / 8 images" in page.locator("#owl-image-count").inner_text()
+
+
+def test_editing_a_question_runs_the_conversation_again_from_there(page, random_server):
+    open_parameters(page, 20)
+    for n, question in enumerate(["How many shapes are there?", "And which colours?"], start=1):
+        ask(page, question)
+        page.wait_for_function(
+            f"document.querySelectorAll(\"#owl-chat [data-testid='bot']\").length >= {n}", timeout=20_000
+        )
+        page.wait_for_timeout(1500)  # 20 tokens on the tiny model: done well within this
+    submitted = request_count(random_server, "submitted")
+    first = page.locator("#owl-chat [data-testid='user']").first
+    first.hover()
+    page.locator("#owl-chat button[aria-label='Edit']").first.click()
+    page.locator("#owl-chat textarea").first.fill("What shapes are there?")
+    page.locator("#owl-chat button[aria-label='Submit']").first.click()
+    page.wait_for_function(
+        "document.querySelectorAll(\"#owl-chat [data-testid='user']\").length == 1", timeout=15_000
+    )
+    page.wait_for_selector("#owl-chat [data-testid='bot']", timeout=20_000)
+    assert (
+        page.locator("#owl-chat [data-testid='user']").first.inner_text().strip() == "What shapes are there?"
+    )
+    assert "And which colours?" not in page.locator("#owl-chat").inner_text()
+    assert answer_text(page).strip()
+    assert request_count(random_server, "submitted") == submitted + 1  # answered anew
