@@ -160,17 +160,24 @@ class RunningServer:
         self.log.close()
 
 
+def talking_config(folder: Path, context: int) -> Path:
+    """config.json of the tiny preset with a wider, deeper language model: random and greedy, it keeps
+    talking (no early end token) at a few hundred tokens a second on two cores."""
+    from owl import preset
+
+    tiny = preset("tiny")
+    text = {**tiny.text, "max_position_embeddings": context, "hidden_size": 256, "intermediate_size": 512}
+    path = folder / "config.json"
+    tiny.replace(text={**text, "num_hidden_layers": 4}).save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def random_server(tmp_path_factory):
     """The app on a small random model with a long context. Greedy, it talks until its token budget
     runs out (sampled, it may pick the end token early), at a few hundred tokens a second: slow enough
     that Stop arrives while it is still talking, fast enough for quick tests."""
-    from owl import preset
-
-    tiny = preset("tiny")
-    config = tmp_path_factory.mktemp("random-server") / "config.json"
-    text = {**tiny.text, "max_position_embeddings": 4096, "hidden_size": 256, "intermediate_size": 512}
-    tiny.replace(text={**text, "num_hidden_layers": 4}).save(config)
+    config = talking_config(tmp_path_factory.mktemp("random-server"), context=4096)
     server = RunningServer(
         "--checkpoint",
         "random:tiny",

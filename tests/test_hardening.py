@@ -19,7 +19,7 @@ from PIL import Image
 from owl import processing
 from owl.errors import ImageError, ImageTooLarge
 from owl.processing import ImageLimits, fetch_url
-from tests.conftest import RunningServer
+from tests.conftest import RunningServer, talking_config
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
@@ -275,10 +275,14 @@ BAD_REQUESTS = [
 
 
 @pytest.fixture(scope="module")
-def strict_server():
+def strict_server(tmp_path_factory):
+    # A model that keeps talking, so requests stay running long enough to fill the queue.
+    config = talking_config(tmp_path_factory.mktemp("strict-server"), context=256)
     server = RunningServer(
         "--checkpoint",
         "random:tiny",
+        "--config",
+        str(config),
         "--max-upload-mb",
         "1",
         "--max-images",
