@@ -276,8 +276,9 @@ BAD_REQUESTS = [
 
 @pytest.fixture(scope="module")
 def strict_server(tmp_path_factory):
-    # A model that keeps talking, so requests stay running long enough to fill the queue.
-    config = talking_config(tmp_path_factory.mktemp("strict-server"), context=256)
+    # A model that keeps talking, slowly (64 tokens take seconds), so the queue stays full while the
+    # full-queue case asks.
+    config = talking_config(tmp_path_factory.mktemp("strict-server"), context=256, width=768, layers=8)
     server = RunningServer(
         "--checkpoint",
         "random:tiny",
