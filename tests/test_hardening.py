@@ -368,8 +368,13 @@ def test_full_queue_is_a_429_with_numbers(strict_server):
     threads = [threading.Thread(target=long_stream) for _ in range(2)]
     for thread in threads:
         thread.start()
+
+    def full() -> bool:  # one request running and one waiting (not merely one not yet picked up)
+        health = httpx.get(f"{strict_server.url}/health").json()
+        return health["active"] >= 1 and health["queue_depth"] >= 1
+
     deadline = time.monotonic() + 10
-    while httpx.get(f"{strict_server.url}/health").json()["queue_depth"] < 1 and time.monotonic() < deadline:
+    while not full() and time.monotonic() < deadline:
         time.sleep(0.02)
     response = chat(strict_server, {"messages": [{"role": "user", "content": "me too"}]})
     for thread in threads:
