@@ -17,7 +17,8 @@ paths are relative to the jsonl's folder or absolute.
 
 Every ``--eval-every`` steps the held-out loss is printed, and every ``--save-every`` steps a
 checkpoint (our export layout plus optimizer state, read back with ``weights_only``) lets
-``--resume`` continue exactly where training stopped.
+``--resume`` continue exactly where training stopped. LoRA checkpoints hold the adapters; the
+final folder of a LoRA run holds them and the model with them merged in.
 """
 
 from __future__ import annotations
@@ -426,10 +427,16 @@ def train(settings: TrainSettings) -> Path:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     state_file = out / "training_state.pt"
-    if settings.resume and state_file.is_file():
+    resuming = settings.resume and state_file.is_file()
+    if resuming and settings.stage != "lora":  # LoRA resumes from its base plus the saved adapters
         settings = dataclasses.replace(settings, init=str(out / "latest"))
     model, tokenizer, processor, device = build_start(settings)
     model = set_stage(model, settings.stage, lora_r=settings.lora_r)
+    if resuming and settings.stage == "lora":
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(out / "latest" / "adapter_model.safetensors")))
     model.train()
     probe = None
     if settings.patch_probe and settings.data in (None, "synthetic"):
@@ -528,7 +535,7 @@ def train(settings: TrainSettings) -> Path:
             break
     model.eval()
     final = out / "final"
-    _export(model, tokenizer, final, settings)
+    _export(model, tokenizer, final, settings, merge=True)
     return final
 
 
@@ -603,23 +610,37 @@ def evaluate_loss(model, data, settings: TrainSettings, tokenizer, processor, to
     return total / max(count, 1)
 
 
-def _export(model, tokenizer, folder: Path, settings: TrainSettings) -> None:
+def _export(model, tokenizer, folder: Path, settings: TrainSettings, *, merge: bool = False) -> None:
+    """Our export layout. LoRA runs save their adapters; with ``merge`` (the final model) also the
+    merged weights, so that ``owl.load(folder)`` reads the fine-tuned model like any other."""
     from owl.checkpoint import save_export
 
-    if settings.stage == "lora":
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save_file
-
-        folder.mkdir(parents=True, exist_ok=True)
-        adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
-        save_file(adapter, str(folder / "adapter_model.safetensors"))
-        (folder / "adapter_config.json").write_text(
-            json.dumps(
-                {"r": settings.lora_r, "target_modules": "q_proj|v_proj", "base": settings.init}, indent=2
-            )
-        )
+    if settings.stage != "lora":
+        save_export(model, tokenizer, folder)
         return
-    save_export(model, tokenizer, folder)
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    adapter = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    save_file(adapter, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"r": settings.lora_r, "target_modules": "q_proj|v_proj", "base": settings.init}, indent=2)
+    )
+    if merge:
+        save_export(merge_lora(model), tokenizer, folder)
+
+
+def merge_lora(model):
+    """Fold LoRA adapters into the weights they adapt and drop the wrappers (in place)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    return model
 
 
 def _save(

@@ -78,8 +78,8 @@ def test_patch_probe_labels_the_patches_under_an_object():
     assert sum(probe.shapes[s] == "circle" for s in shapes) < 16  # only the patches under it
 
 
-def test_a_short_run_on_jsonl_saves_and_resumes(tmp_path, tokenizer_file):
-    folder = tmp_path / "data"
+def colour_data(folder):
+    """Four one-image conversations in the original jsonl format; returns the jsonl's path."""
     (folder / "images").mkdir(parents=True)
     rows = []
     for i, colour in enumerate([(255, 0, 0), (0, 0, 255), (0, 200, 0), (250, 250, 0)]):
@@ -92,6 +92,12 @@ def test_a_short_run_on_jsonl_saves_and_resumes(tmp_path, tokenizer_file):
             }
         )
     (folder / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder / "train.jsonl"
+
+
+def test_a_short_run_on_jsonl_saves_and_resumes(tmp_path, tokenizer_file):
+    folder = tmp_path / "data"
+    colour_data(folder)
     make_tiny("tiny").config.save(tmp_path / "config.json")
     common = [
         "--out",
@@ -125,3 +131,39 @@ def test_a_short_run_on_jsonl_saves_and_resumes(tmp_path, tokenizer_file):
     assert state["step"] == 2
     train(parse_args([*common, "--steps", "4", "--resume"]))
     assert torch.load(tmp_path / "run" / "training_state.pt", weights_only=True)["step"] == 4
+
+
+def test_lora_runs_resume_and_end_in_a_merged_model_that_loads(tmp_path, tokenizer_file):
+    from owl.checkpoint import load, save_export
+
+    base = make_tiny("tiny")
+    save_export(base, None, tmp_path / "base")
+    data = colour_data(tmp_path / "data")
+
+    def run(out, steps, *extra):
+        args = [
+            "--out",
+            str(tmp_path / out),
+            "--init",
+            str(tmp_path / "base"),
+            "--tokenizer",
+            str(tokenizer_file),
+        ]
+        args += ["--data", str(data), "--stage", "lora", "--batch-size", "2", "--save-every", "2"]
+        args += ["--eval-every", "100", "--lr", "5e-2", "--augment", "none", "--device", "cpu"]
+        return train(parse_args([*args, "--steps", str(steps), *extra]))
+
+    straight = run("straight", 4)
+    run("resumed", 2)
+    resumed = run("resumed", 4, "--resume")
+    assert (straight / "adapter_model.safetensors").is_file()
+
+    merged = load(straight, tokenizer=tokenizer_file).model.state_dict()
+    again = load(resumed, tokenizer=tokenizer_file).model.state_dict()
+    before = base.state_dict()
+    assert set(merged) == set(before)  # the plain architecture, no adapter wrappers left
+    q_proj = "language_model.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q_proj], before[q_proj])  # the adapters were folded in
+    k_proj = "language_model.model.layers.0.self_attn.k_proj.weight"
+    assert torch.equal(merged[k_proj], before[k_proj])  # what LoRA does not adapt is untouched
+    assert all(torch.equal(merged[k], again[k]) for k in merged)  # resuming changes nothing
