@@ -175,7 +175,7 @@ def build_demo(engine, settings: Settings, info: dict, chatlog: ConversationLog 
     # not the browser's cancellation of the streaming event reaches the server.
     answering: dict[str, set] = {}
 
-    def stop_session(request: gr.Request):
+    async def stop_session(request: gr.Request):  # on the event loop, like the answers it stops
         for handle in list(answering.get(_session(request), ())):
             handle.cancel()
 
