@@ -275,15 +275,10 @@ BAD_REQUESTS = [
 
 
 @pytest.fixture(scope="module")
-def strict_server(tmp_path_factory):
-    # A model that keeps talking, slowly (64 tokens take seconds), so the queue stays full while the
-    # full-queue case asks.
-    config = talking_config(tmp_path_factory.mktemp("strict-server"), context=256, width=768, layers=8)
+def strict_server():
     server = RunningServer(
         "--checkpoint",
         "random:tiny",
-        "--config",
-        str(config),
         "--max-upload-mb",
         "1",
         "--max-images",
@@ -349,37 +344,44 @@ def test_a_normal_request_works_after_the_battery(strict_server):
     assert httpx.get(f"{strict_server.url}/health").json()["status"] == "ok"
 
 
-def test_full_queue_is_a_429_with_numbers(strict_server):
-    def long_stream():
-        with httpx.stream(
-            "POST",
-            f"{strict_server.url}/v1/chat/completions",
-            timeout=60,
-            json={
-                "messages": [{"role": "user", "content": "go"}],
-                "max_tokens": 64,
-                "stream": True,
-                "temperature": 0,
-            },
-        ) as response:
-            for _ in response.iter_lines():
-                time.sleep(0.05)  # a slow reader keeps the request running
+def test_full_queue_is_a_429_with_numbers(tmp_path):
+    """One answer running, one waiting, a queue of one: the next request is refused at once. Its own
+    server, whose answers run for many seconds until their readers hang up."""
+    config = talking_config(tmp_path, context=4096)
+    server = RunningServer(
+        "--checkpoint", "random:tiny", "--config", str(config), "--max-new-tokens", "3000",
+        "--max-batch", "1", "--queue-size", "1", env={"OWL_REQUESTS_PER_MINUTE": "0"},
+    )  # fmt: skip
+    hang_up = threading.Event()
+    streams: list[int] = []
 
-    threads = [threading.Thread(target=long_stream) for _ in range(2)]
-    for thread in threads:
-        thread.start()
+    def long_stream():
+        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 3000, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60, json=body) as response:
+            streams.append(response.status_code)
+            for _ in response.iter_lines():
+                if hang_up.is_set():
+                    break  # closing the stream cancels the answer
 
     def full() -> bool:  # one request running and one waiting (not merely one not yet picked up)
-        health = httpx.get(f"{strict_server.url}/health").json()
+        health = httpx.get(f"{server.url}/health").json()
         return health["active"] >= 1 and health["queue_depth"] >= 1
 
-    deadline = time.monotonic() + 10
-    while not full() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    response = chat(strict_server, {"messages": [{"role": "user", "content": "me too"}]})
-    for thread in threads:
-        thread.join(30)
-    assert response.status_code == 429
+    threads = [threading.Thread(target=long_stream) for _ in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while not full() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        response = chat(server, {"messages": [{"role": "user", "content": "me too"}]})
+    finally:
+        hang_up.set()
+        for thread in threads:
+            thread.join(30)
+        server.stop()
+    assert streams == [200, 200]
+    assert response.status_code == 429, response.text
     assert "the queue is full: 1 requests are already waiting" in response.json()["error"]["message"]
 
 
