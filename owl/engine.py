@@ -25,7 +25,6 @@ import contextlib
 import itertools
 import logging
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -437,9 +436,9 @@ class Engine:
                 waiting.handle.stats.started = time.monotonic()
             try:
                 self._prefill_and_seat(group)
-            except Exception:
+            except Exception as err:
                 if len(group) == 1:
-                    self._fail(group[0][0].handle, sys.exc_info()[1])
+                    self._fail(group[0][0].handle, err)
                     continue
                 log.warning(
                     "prefill of %d requests failed; prefilling them one by one", len(group), exc_info=True

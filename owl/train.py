@@ -165,11 +165,19 @@ class SyntheticData:
     ``extra_turns`` more questions per conversation give denser supervision per picture.
     """
 
-    def __init__(self, seed: int, split: str = "train", extra_turns: int = 0, easy_until: int = 0):
+    def __init__(
+        self,
+        seed: int,
+        split: str = "train",
+        extra_turns: int = 0,
+        easy_until: int = 0,
+        keep_layouts: bool = False,
+    ):
         self.seed, self.split, self.extra_turns = seed, split, extra_turns
         # A curriculum: examples before ``easy_until`` are first lessons, then ever fewer of them.
         self.easy_until = easy_until
-        self.layouts: dict[int, list] = {}
+        # Scene layouts of drawn examples, until ``layout`` takes them (only when something will).
+        self.layouts: dict[int, list] | None = {} if keep_layouts else None
 
     def __len__(self) -> int:
         return 10**9
@@ -184,11 +192,12 @@ class SyntheticData:
             example = easy_example(self.seed, index)
         else:
             example = make_example(self.seed, index, split=self.split, extra_turns=self.extra_turns)
-        self.layouts[index] = list(zip(example.dialogue.scenes, example.settings, strict=True))
+        if self.layouts is not None:
+            self.layouts[index] = list(zip(example.dialogue.scenes, example.settings, strict=True))
         return example.text, list(example.images)
 
     def layout(self, index: int) -> list:
-        """(scene, render settings) per image of example ``index`` (after it was drawn)."""
+        """(scene, render settings) per image of example ``index`` (drawn, with ``keep_layouts``)."""
         return self.layouts.pop(index)
 
 
@@ -457,6 +466,7 @@ def train(settings: TrainSettings) -> Path:
             settings.data_seed,
             extra_turns=settings.extra_turns,
             easy_until=settings.easy_steps * settings.batch_size * settings.grad_accum,
+            keep_layouts=probe is not None,
         )
         if settings.data in (None, "synthetic")
         else JsonlData(settings.data)
