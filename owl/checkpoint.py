@@ -521,14 +521,18 @@ def save_export(model: OwlModel, tokenizer: Any, folder: str | Path) -> Path:
     source = getattr(tokenizer, "path", None)
     if source is not None:
         source = Path(source)
-        if source.is_file():
-            shutil.copyfile(
-                source, folder / ("tokenizer.model" if source.suffix == ".model" else source.name)
-            )
-        else:
-            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-                if (source / name).is_file():
-                    shutil.copyfile(source / name, folder / name)
+        files = (
+            [(source, "tokenizer.model" if source.suffix == ".model" else source.name)]
+            if source.is_file()
+            else [
+                (source / name, name)
+                for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+            ]
+        )
+        for path, name in files:
+            # A resumed run saves over the folder its tokenizer came from: nothing to copy then.
+            if path.is_file() and (folder / name).resolve() != path.resolve():
+                shutil.copyfile(path, folder / name)
     return folder
 
 

@@ -345,6 +345,11 @@ PRESETS: dict[str, OwlConfig] = {
     ),
 }
 
+# The staged recipe's model (python -m owl.train --recipe tiny-staged): the same with 7-pixel patches.
+PRESETS["owl-tiny-staged"] = PRESETS["owl-tiny"].replace(
+    name="owl-tiny-staged", vision=dataclasses.replace(PRESETS["owl-tiny"].vision, patch_size=7)
+)
+
 
 def preset(name: str) -> OwlConfig:
     """A named preset; the error lists the known names."""

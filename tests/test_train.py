@@ -12,6 +12,7 @@ from owl.config import IMAGE_TOKEN_ID
 from owl.processing import encode_prompt
 from owl.train import (
     IGNORE,
+    ObjectProbe,
     PatchProbe,
     TrainSettings,
     parse_args,
@@ -76,6 +77,136 @@ def test_patch_probe_labels_the_patches_under_an_object():
     assert all(probe.colours[colours[i]] == "red" and probe.shapes[shapes[i]] == "circle" for i in centre)
     assert probe.colours[colours[0]] == "background:white" and probe.shapes[shapes[0]] == "none"
     assert sum(probe.shapes[s] == "circle" for s in shapes) < 16  # only the patches under it
+
+
+def test_object_probe_reads_each_object_from_the_patches_under_it():
+    from owl.data.scenes import RenderSettings, Scene, Shape
+
+    scene = Scene(
+        "white",
+        (Shape("circle", "red", "large", 0.5, 0.5, 0.18), Shape("star", "blue", "small", 0.1, 0.1, 0.07)),
+    )
+    masks = ObjectProbe.masks(scene, RenderSettings(width=200, height=200), grid=8)
+    assert masks.shape == (2, 64) and torch.allclose(masks.sum(1), torch.ones(2))
+    assert set(masks[0].nonzero().flatten().tolist()) >= {27, 28, 35, 36}  # the middle of an 8x8 grid
+    assert masks[0].count_nonzero() < 16 and masks[0, 0] == 0  # only the patches under it
+    assert masks[1].nonzero().flatten().tolist() == [0]  # a small shape still owns its centre patch
+    # A 2:1 picture is squashed to a square: the circle covers fewer columns than rows.
+    wide = ObjectProbe.masks(scene, RenderSettings(width=400, height=200), grid=16)[0].view(16, 16) > 0
+    assert wide.any(0).sum() < wide.any(1).sum()
+
+    probe = ObjectProbe(4, grid=8)
+    kinds, colours, sizes = probe.targets(scene)
+    assert [probe.kinds[i] for i in kinds] == ["circle", "star"]
+    assert [probe.colours[i] for i in colours] == ["red", "blue"]
+    assert [probe.sizes[i] for i in sizes] == ["large", "small"]
+
+
+def test_the_vision_stage_trains_the_tower_to_read_objects(tmp_path):
+    """150 small steps of the vision stage: held-out objects' colours come out of the pooled tokens."""
+    from owl.data.scenes import RenderSettings, Scene, Shape, contrasts, render
+    from owl.processing import ImageProcessor
+    from owl.train import pretrain_vision
+
+    torch.manual_seed(0)  # the probe's initial weights
+    model = make_tiny("tiny")
+    processor = ImageProcessor(model.config.vision.image_size)
+    settings = TrainSettings(
+        out=tmp_path, vision_steps=150, vision_batch_size=8, vision_lr=5e-3, eval_every=1000
+    )
+    before = {k: v.clone() for k, v in model.vision_model.state_dict().items()}
+    probe = pretrain_vision(model, processor, settings, torch.device("cpu"))
+    assert any(not torch.equal(before[k], v) for k, v in model.vision_model.state_dict().items())
+    # Large shapes of every colour that shows on grey, three of each, none of them drawn in training.
+    layouts, pixels = [], []
+    colours = [c for c in probe.colours if contrasts(c, "grey")] * 3
+    for i, colour in enumerate(colours):
+        scene = Scene("grey", (Shape(probe.kinds[i % 6], colour, "large", 0.3 + 0.02 * i, 0.5, 0.2),))
+        layouts.append((scene, RenderSettings(150, 100)))
+        pixels.append(processor.pixels(render(scene, width=150, height=100)))
+    model.eval()
+    scores = probe.accuracy(model.vision_model(torch.stack(pixels)), layouts)
+    assert scores["colour"] >= 0.5  # a tower that learnt nothing gets about 1 in 7
+
+
+def test_query_probe_asks_each_query_for_the_object_in_its_cell():
+    """Vectors trained against the probe's loss alone end up saying what the probe asks of each query."""
+    from owl.data.scenes import RenderSettings, Scene, Shape
+    from owl.train import QueryProbe
+
+    torch.manual_seed(0)
+    scene = Scene(
+        "white",
+        (Shape("star", "blue", "small", 0.8, 0.3, 0.07), Shape("circle", "red", "large", 0.25, 0.7, 0.15)),
+    )
+    probe = QueryProbe(16, queries=16).requires_grad_(False)  # a 4x4 grid of cells, row by row
+    assert [probe.cell(shape) for shape in scene.shapes] == [1 * 4 + 3, 2 * 4 + 1]
+    vectors = torch.randn(1, 17, 16, requires_grad=True)
+    optimizer = torch.optim.Adam([vectors], lr=0.05)
+    for _ in range(600):
+        loss = probe.loss(vectors, [(scene, RenderSettings(100, 100))])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    slots = vectors[0, :16].detach()
+    kinds = [probe.kinds[i] for i in probe.shape(slots).argmax(-1)]
+    assert kinds[7] == "star" and kinds[9] == "circle" and kinds.count("none") == 14
+    assert [probe.colours[i] for i in probe.colour(slots[[7, 9]]).argmax(-1)] == ["blue", "red"]
+    assert [probe.sizes[i] for i in probe.size(slots[[7, 9]]).argmax(-1)] == ["small", "large"]
+    assert torch.allclose(probe.position(slots[[7, 9]]), torch.tensor([[0.8, 0.3], [0.25, 0.7]]), atol=0.05)
+
+
+def test_query_probe_leaves_out_a_cell_with_two_centres():
+    from owl.data.scenes import RenderSettings, Scene, Shape
+    from owl.train import QueryProbe
+
+    crowded = Scene(
+        "white",
+        (
+            Shape("star", "blue", "small", 0.07, 0.07, 0.06),
+            Shape("cross", "red", "small", 0.2, 0.22, 0.06),
+        ),
+    )
+    probe = QueryProbe(8, queries=16)
+    assert probe.cell(crowded.shapes[0]) == probe.cell(crowded.shapes[1]) == 0
+    vectors = torch.randn(1, 17, 8)
+    # Whatever the vectors say about cell 0, the loss does not change: nothing is asked of it.
+    changed = vectors.clone()
+    changed[0, 0] = torch.randn(8) * 10
+    layouts = [(crowded, RenderSettings(100, 100))]
+    assert torch.isclose(probe.loss(vectors, layouts), probe.loss(changed, layouts))
+
+
+def test_the_staged_recipe_runs_its_stages_and_resumes(tmp_path):
+    """The staged recipe at toy size: tokenizer, vision stage, then the rest with the tower
+    frozen and both probes on; a resumed run picks up its own tokenizer and probes."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    small = ["--config", "tiny", "--batch-size", "2", "--vision-batch-size", "4", "--vision-steps", "3"]
+    small += ["--easy-steps", "1", "--eval-every", "100", "--save-every", "2", "--threads", "1"]
+    train(parse_args(["--recipe", "tiny-staged", "--out", str(out), *small, "--steps", "2"]))
+    train(parse_args(["--recipe", "tiny-staged", "--out", str(out / "vision"), *small, "--steps", "0"]))
+    assert torch.load(out / "vision" / "training_state.pt", weights_only=True)["step"] == 0
+    train(
+        parse_args(
+            ["--recipe", "tiny-staged", "--out", str(out / "vision"), *small, "--steps", "1", "--resume"]
+        )
+    )
+    after_two = load_file(out / "latest" / "model.safetensors")
+    state = torch.load(out / "training_state.pt", weights_only=True)
+    assert state["step"] == 2
+    assert any(k.startswith("query.") for k in state["probes"])
+    assert not any(k.startswith("object.") for k in state["probes"])  # the tower is frozen: no object probe
+    final = train(
+        parse_args(["--recipe", "tiny-staged", "--out", str(out), *small, "--steps", "4", "--resume"])
+    )
+    weights = load_file(final / "model.safetensors")
+    assert (final / "tokenizer.model").is_file()
+    tower = [k for k in weights if k.startswith("vision_model.")]
+    assert tower and all(torch.equal(weights[k], after_two[k]) for k in tower)  # frozen after its stage
+    assert not torch.equal(weights["abstractor.visual_fc.weight"], after_two["abstractor.visual_fc.weight"])
+    assert not any("probe" in k or k.startswith(("object.", "query.")) for k in weights)
 
 
 def colour_data(folder):
