@@ -356,7 +356,14 @@ def test_full_queue_is_a_429_with_numbers(tmp_path):
     streams: list[int] = []
 
     def long_stream():
-        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 3000, "stream": True}
+        # Greedy: the API samples by default, and a sampled random model can pick the end token early,
+        # which would free the queue before the third request arrives.
+        body = {
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 3000,
+            "stream": True,
+            "temperature": 0,
+        }
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", timeout=60, json=body) as response:
             streams.append(response.status_code)
             for _ in response.iter_lines():
