@@ -370,17 +370,22 @@ def test_full_queue_is_a_429_with_numbers(tmp_path):
                 if hang_up.is_set():
                     break  # closing the stream cancels the answer
 
-    def full() -> bool:  # one request running and one waiting (not merely one not yet picked up)
-        health = httpx.get(f"{server.url}/health").json()
-        return health["active"] >= 1 and health["queue_depth"] >= 1
+    def reached(active: int, waiting: int) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            health = httpx.get(f"{server.url}/health").json()
+            if health["active"] >= active and health["queue_depth"] >= waiting:
+                return
+            time.sleep(0.05)
 
     threads = [threading.Thread(target=long_stream) for _ in range(2)]
     try:
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 30
-        while not full() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        # One at a time: two requests sent at once can both be waiting before the worker takes the
+        # first, and then the queue of one refuses the second.
+        threads[0].start()
+        reached(active=1, waiting=0)
+        threads[1].start()
+        reached(active=1, waiting=1)
         response = chat(server, {"messages": [{"role": "user", "content": "me too"}]})
     finally:
         hang_up.set()
