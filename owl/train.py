@@ -265,6 +265,18 @@ def make_batch(samples, tokenizer, config: OwlConfig, max_len: int, to_pixels, t
 # --- auxiliary supervision of the image side (synthetic data only) ------------------------------
 
 
+def _under(shape, settings, grid: int) -> torch.Tensor:
+    """(grid, grid) booleans: the patches whose centres lie on ``shape``'s inner part (80 % of its
+    radius), in the square the picture is squashed to, where its extent differs along x and y."""
+    short = min(settings.width, settings.height)
+    rx = 0.8 * shape.radius * short / settings.width
+    ry = 0.8 * shape.radius * short / settings.height
+    middles = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid
+    dx = (middles[None, :] - shape.x) / rx
+    dy = (middles[:, None] - shape.y) / ry
+    return dx * dx + dy * dy <= 1
+
+
 class PatchProbe(torch.nn.Module):
     """A training-only head on the vision encoder: the colour and shape under each patch.
 
@@ -287,22 +299,18 @@ class PatchProbe(torch.nn.Module):
         """(grid*grid,) colour and shape classes: the object whose inner part covers a patch's centre."""
         colours = torch.full((grid * grid,), self.colours.index(f"background:{scene.background}"))
         shapes = torch.zeros(grid * grid, dtype=torch.long)
-        short = min(settings.width, settings.height)
         for shape in scene.shapes:
-            # The picture is squashed to a square: a shape's extent differs along x and y.
-            rx = 0.8 * shape.radius * short / settings.width
-            ry = 0.8 * shape.radius * short / settings.height
-            for row in range(grid):
-                for col in range(grid):
-                    dx = ((col + 0.5) / grid - shape.x) / rx
-                    dy = ((row + 0.5) / grid - shape.y) / ry
-                    if dx * dx + dy * dy <= 1:
-                        colours[row * grid + col] = self.colours.index(shape.colour)
-                        shapes[row * grid + col] = self.shapes.index(shape.kind)
+            inside = _under(shape, settings, grid).flatten()
+            colours[inside] = self.colours.index(shape.colour)
+            shapes[inside] = self.shapes.index(shape.kind)
         return colours, shapes
 
-    def loss(self, tokens: torch.Tensor, colours: torch.Tensor, shapes: torch.Tensor) -> torch.Tensor:
+    def loss(self, tokens: torch.Tensor, layouts) -> torch.Tensor:
+        """``tokens`` (N, 1+P, D) holds one picture per layout."""
         patches = tokens[:, 1:]  # (N, P, D) without the class token
+        labels = [self.labels(scene, settings, math.isqrt(patches.shape[1])) for scene, settings in layouts]
+        colours = torch.stack([c for c, _ in labels]).to(tokens.device)
+        shapes = torch.stack([s for _, s in labels]).to(tokens.device)
         return torch.nn.functional.cross_entropy(
             self.colour(patches).flatten(0, 1), colours.flatten()
         ) + torch.nn.functional.cross_entropy(self.shape(patches).flatten(0, 1), shapes.flatten())
@@ -338,18 +346,19 @@ class ObjectProbe(torch.nn.Module):
         self.row = torch.nn.Linear(width, grid)
         self.column = torch.nn.Linear(width, grid)
 
+    @classmethod
+    def for_model(cls, model) -> ObjectProbe:
+        """A probe sized for ``model``'s vision tower, on its device."""
+        vision = model.config.vision
+        return cls(vision.hidden_size, vision.image_size // vision.patch_size).to(model.device)
+
     @staticmethod
     def masks(scene, settings, grid: int) -> torch.Tensor:
         """(objects, grid*grid) pooling weights: the patches whose centres lie on each object's inner
         part, always including the patch under its centre; each row sums to 1."""
-        short = min(settings.width, settings.height)
-        cols = (torch.arange(grid) + 0.5) / grid
         rows = []
         for shape in scene.shapes:
-            # The picture is squashed to a square: a shape's extent differs along x and y.
-            rx = 0.8 * shape.radius * short / settings.width
-            ry = 0.8 * shape.radius * short / settings.height
-            inside = ((cols[None, :] - shape.x) / rx) ** 2 + ((cols[:, None] - shape.y) / ry) ** 2 <= 1
+            inside = _under(shape, settings, grid)
             inside[min(grid - 1, int(shape.y * grid)), min(grid - 1, int(shape.x * grid))] = True
             weights = inside.flatten().float()
             rows.append(weights / weights.sum())
@@ -481,12 +490,11 @@ def vision_layouts(seed: int, first: int, count: int):
 def pretrain_vision(model, processor, settings: TrainSettings, device) -> ObjectProbe:
     """The vision stage of the embedded model's recipe: the vision tower alone learns to tell each
     object's shape, colour and size (the role CLIP pretraining plays for the real tower), before
-    the language model joins. Returns the trained probe, which the next stage keeps using."""
+    the language model joins. Returns the trained probe, for the next stage to keep using."""
     from tqdm import tqdm
 
     tower = model.vision_model
-    vision = model.config.vision
-    probe = ObjectProbe(vision.hidden_size, vision.image_size // vision.patch_size).to(device)
+    probe = ObjectProbe.for_model(model)
     params = [*tower.parameters(), *probe.parameters()]
     optimizer = torch.optim.AdamW(params, lr=settings.vision_lr, weight_decay=0.01)
     warmup = min(100, settings.vision_steps // 10)
@@ -676,18 +684,15 @@ def train(settings: TrainSettings) -> Path:
         set_peft_model_state_dict(model, load_file(str(out / "latest" / "adapter_model.safetensors")))
     model.train()
     synthetic = settings.data in (None, "synthetic")
-    vision_done = False
-    probes = torch.nn.ModuleDict()  # training-only heads, by the part of the model they ask
-    if settings.vision_steps and synthetic and not settings.init and not resuming:
-        probes["object"] = pretrain_vision(model, processor, settings, device)
-        vision_done = True
-    if synthetic and settings.object_probe and "object" not in probes:
-        vision = model.config.vision
-        probes["object"] = ObjectProbe(vision.hidden_size, vision.image_size // vision.patch_size).to(device)
+    vision_done = settings.vision_steps and synthetic and not settings.init and not resuming
+    trained = pretrain_vision(model, processor, settings, device) if vision_done else None
     if settings.freeze_vision:
         model.vision_model.requires_grad_(False)
-    if (not settings.object_probe or settings.freeze_vision) and "object" in probes:
-        del probes["object"]  # the tower no longer trains: nothing left to ask it
+    probes = torch.nn.ModuleDict()  # training-only heads, by the part of the model they ask
+    if (
+        synthetic and settings.object_probe and not settings.freeze_vision
+    ):  # a frozen tower has nothing to learn
+        probes["object"] = trained if trained is not None else ObjectProbe.for_model(model)
     if synthetic and settings.patch_probe:
         probes["patch"] = PatchProbe(model.config.vision.hidden_size).to(device)
     if synthetic and settings.query_probe:
@@ -846,14 +851,7 @@ def _loss_with_probes(model, probes, batch: Batch, layouts, settings: TrainSetti
         return loss
     weights = {"patch": settings.patch_probe, "object": settings.object_probe, "query": settings.query_probe}
     for name, outputs in captured.items():
-        if name == "patch":
-            grid = model.config.vision.image_size // model.config.vision.patch_size
-            labels = [probes["patch"].labels(scene, render, grid) for scene, render in layouts]
-            colours = torch.stack([c for c, _ in labels]).to(device)
-            shapes = torch.stack([s for _, s in labels]).to(device)
-            loss = loss + weights[name] * probes[name].loss(outputs, colours, shapes)
-        else:
-            loss = loss + weights[name] * probes[name].loss(outputs, layouts)
+        loss = loss + weights[name] * probes[name].loss(outputs, layouts)
     return loss
 
 
