@@ -292,12 +292,18 @@ _TINY_ABSTRACTOR = AbstractorConfig(
 )
 
 PRESETS: dict[str, OwlConfig] = {
-    # The embedded model (models/owl-tiny): the same architecture at about 4M parameters.
+    # The embedded model (models/owl-tiny): the same architecture at about 4M parameters. Small
+    # patches (7 px, a 16x16 grid) because its small shapes are only about two patches across.
     "owl-tiny": OwlConfig(
         name="owl-tiny",
         layout="hub",
         vision=VisionConfig(
-            hidden_size=160, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4, image_size=112
+            hidden_size=160,
+            intermediate_size=640,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=112,
+            patch_size=7,
         ),
         abstractor=AbstractorConfig(
             hidden_size=160,
@@ -344,11 +350,6 @@ PRESETS: dict[str, OwlConfig] = {
         num_query_tokens=8,
     ),
 }
-
-# The staged recipe's model (python -m owl.train --recipe tiny-staged): the same with 7-pixel patches.
-PRESETS["owl-tiny-staged"] = PRESETS["owl-tiny"].replace(
-    name="owl-tiny-staged", vision=dataclasses.replace(PRESETS["owl-tiny"].vision, patch_size=7)
-)
 
 
 def preset(name: str) -> OwlConfig:

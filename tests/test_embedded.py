@@ -15,6 +15,11 @@ pytestmark = pytest.mark.skipif(
     not (DEFAULT_CHECKPOINT / "config.json").is_file(), reason="no embedded model"
 )
 GREEDY = owl.GenerationParams(max_new_tokens=16)
+# What the embedded model cannot do yet (its model card says so): these must start passing, and
+# then lose this mark, when a model that can is shipped.
+NOT_YET = pytest.mark.xfail(
+    strict=True, reason="the embedded model does not yet tell its pictures apart by what they show"
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +60,42 @@ def test_the_background_colour(engine, background):
     )
 
 
+@NOT_YET
 def test_with_two_images_the_answer_follows_their_order(engine):
+    """Asked about either picture, in either order: a model that always names one position, or
+    that follows the order of the pictures but not the question, fails."""
     red = picture("white", "circle", "red")
     other = picture("black", "square", "yellow", x=0.6)
-    assert ask(engine, "Which image has a red circle?", [red, other]) == "The first image."
-    assert ask(engine, "Which image has a red circle?", [other, red]) == "The second image."
+    answers = {
+        (thing, order): ask(engine, f"Which image has {thing}?", images)
+        for thing in ("a red circle", "a yellow square")
+        for order, images in (("red first", [red, other]), ("red second", [other, red]))
+    }
+    assert answers == {
+        ("a red circle", "red first"): "The first image.",
+        ("a red circle", "red second"): "The second image.",
+        ("a yellow square", "red first"): "The second image.",
+        ("a yellow square", "red second"): "The first image.",
+    }
+
+
+@NOT_YET
+def test_a_later_turn_about_the_first_image_still_uses_it(engine):
+    """Image one, a question; image two, a question; then back to image one, in both colour orders
+    (a model that answers about the newest image, or repeats an earlier answer, fails one)."""
+
+    def back_to_the_first(first: str, second: str) -> str:
+        conversation = (
+            owl.Conversation()
+            .add_user("What colour is the circle?", [picture("white", "circle", first)])
+            .add_assistant(f"{first.capitalize()}.")
+            .add_user("What colour is the circle in the second image?", [picture("white", "circle", second)])
+            .add_assistant(f"{second.capitalize()}.")
+            .add_user("What colour is the circle in the first image?")
+        )
+        return engine.submit_conversation(conversation, GREEDY).text().strip()
+
+    assert [back_to_the_first("red", "blue"), back_to_the_first("blue", "red")] == ["Red.", "Blue."]
 
 
 def test_a_short_answer_takes_under_a_second(engine):

@@ -13,7 +13,7 @@ from owl.processing import encode_prompt
 from owl.train import (
     IGNORE,
     ObjectProbe,
-    PatchProbe,
+    OrderProbe,
     TrainSettings,
     parse_args,
     set_stage,
@@ -67,18 +67,6 @@ def test_stages_freeze_what_the_recipe_freezes(stage, trains_vision, trains_lang
     assert named["language_model.lm_head.weight"].requires_grad is trains_language
 
 
-def test_patch_probe_labels_the_patches_under_an_object():
-    from owl.data.scenes import RenderSettings, Scene, Shape
-
-    probe = PatchProbe(32)
-    scene = Scene("white", (Shape("circle", "red", "large", 0.5, 0.5, 0.18),))
-    colours, shapes = probe.labels(scene, RenderSettings(width=200, height=200), grid=8)
-    centre = [27, 28, 35, 36]  # the four patches around the middle of an 8x8 grid
-    assert all(probe.colours[colours[i]] == "red" and probe.shapes[shapes[i]] == "circle" for i in centre)
-    assert probe.colours[colours[0]] == "background:white" and probe.shapes[shapes[0]] == "none"
-    assert sum(probe.shapes[s] == "circle" for s in shapes) < 16  # only the patches under it
-
-
 def test_object_probe_reads_each_object_from_the_patches_under_it():
     from owl.data.scenes import RenderSettings, Scene, Shape
 
@@ -100,6 +88,11 @@ def test_object_probe_reads_each_object_from_the_patches_under_it():
     assert [probe.kinds[i] for i in kinds] == ["circle", "star"]
     assert [probe.colours[i] for i in colours] == ["red", "blue"]
     assert [probe.sizes[i] for i in sizes] == ["large", "small"]
+    # Every patch under an object is asked for that object's shape, every other patch for "none".
+    labels = probe.patch_kinds(masks, kinds)
+    assert set(labels[masks[0] > 0].tolist()) == {1 + probe.kinds.index("circle")}
+    assert labels[0] == 1 + probe.kinds.index("star")
+    assert (labels > 0).sum() == (masks > 0).sum() and labels[63] == 0
 
 
 def test_the_vision_stage_trains_the_tower_to_read_objects(tmp_path):
@@ -177,36 +170,69 @@ def test_query_probe_leaves_out_a_cell_with_two_centres():
     assert torch.isclose(probe.loss(vectors, layouts), probe.loss(changed, layouts))
 
 
-def test_the_staged_recipe_runs_its_stages_and_resumes(tmp_path):
-    """The staged recipe at toy size: tokenizer, vision stage, then the rest with the tower
-    frozen and both probes on; a resumed run picks up its own tokenizer and probes."""
+def test_order_probe_numbers_each_image_slot_by_its_image_in_its_row():
+    s, t = IMAGE_TOKEN_ID, 7  # an image slot, a text token
+    ids = torch.tensor([[t, s, s, t, t, s, s, t], [t, t, s, s, t, t, t, t]])
+    labels = OrderProbe(8, per_image=2).labels(ids)
+    n = IGNORE
+    assert labels.tolist() == [[n, 0, 0, n, n, 1, 1, n], [n, n, 0, 0, n, n, n, n]]
+
+
+def test_order_probe_trains_the_first_layer_to_know_which_image_a_vector_is_from():
+    """Through the probe alone, the first decoder layer learns to tell the second of two identical
+    pictures from the first (only what comes before them differs)."""
+    torch.manual_seed(0)
+    model = make_tiny()
+    per_image = model.config.num_image_tokens
+    probe = OrderProbe.for_model(model)
+    row = [5, 6] + [IMAGE_TOKEN_ID] * per_image + [7] + [IMAGE_TOKEN_ID] * per_image + [8]
+    ids = torch.tensor([row, row])
+    pixels = torch.zeros(4, 3, model.config.vision.image_size, model.config.vision.image_size)
+    first_layer = OrderProbe.part(model)
+    captured = []
+    hook = first_layer.register_forward_hook(lambda module, args, out: captured.append(out))
+    optimizer = torch.optim.Adam([*first_layer.parameters(), *probe.parameters()], lr=3e-3)
+    for _ in range(150):
+        captured.clear()
+        model(ids, pixels)
+        loss = probe.loss(captured[0], ids)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    captured.clear()
+    with torch.no_grad():
+        model(ids, pixels)
+    hook.remove()
+    guess = probe.index(captured[0][0]).argmax(-1)
+    slots = ids[0] == IMAGE_TOKEN_ID
+    assert guess[slots].tolist() == [0] * per_image + [1] * per_image
+
+
+def test_the_tiny_recipe_runs_its_stages_and_resumes(tmp_path):
+    """The embedded model's recipe at toy size: tokenizer, vision stage, then the rest with the tower
+    frozen and the query and order probes on; a resumed run picks up its own tokenizer and probes."""
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
     small = ["--config", "tiny", "--batch-size", "2", "--vision-batch-size", "4", "--vision-steps", "3"]
     small += ["--easy-steps", "1", "--eval-every", "100", "--save-every", "2", "--threads", "1"]
-    train(parse_args(["--recipe", "tiny-staged", "--out", str(out), *small, "--steps", "2"]))
-    train(parse_args(["--recipe", "tiny-staged", "--out", str(out / "vision"), *small, "--steps", "0"]))
+    train(parse_args(["--recipe", "tiny", "--out", str(out), *small, "--steps", "2"]))
+    train(parse_args(["--recipe", "tiny", "--out", str(out / "vision"), *small, "--steps", "0"]))
     assert torch.load(out / "vision" / "training_state.pt", weights_only=True)["step"] == 0
-    train(
-        parse_args(
-            ["--recipe", "tiny-staged", "--out", str(out / "vision"), *small, "--steps", "1", "--resume"]
-        )
-    )
+    train(parse_args(["--recipe", "tiny", "--out", str(out / "vision"), *small, "--steps", "1", "--resume"]))
     after_two = load_file(out / "latest" / "model.safetensors")
     state = torch.load(out / "training_state.pt", weights_only=True)
     assert state["step"] == 2
     assert any(k.startswith("query.") for k in state["probes"])
+    assert any(k.startswith("order.") for k in state["probes"])
     assert not any(k.startswith("object.") for k in state["probes"])  # the tower is frozen: no object probe
-    final = train(
-        parse_args(["--recipe", "tiny-staged", "--out", str(out), *small, "--steps", "4", "--resume"])
-    )
+    final = train(parse_args(["--recipe", "tiny", "--out", str(out), *small, "--steps", "4", "--resume"]))
     weights = load_file(final / "model.safetensors")
     assert (final / "tokenizer.model").is_file()
     tower = [k for k in weights if k.startswith("vision_model.")]
     assert tower and all(torch.equal(weights[k], after_two[k]) for k in tower)  # frozen after its stage
     assert not torch.equal(weights["abstractor.visual_fc.weight"], after_two["abstractor.visual_fc.weight"])
-    assert not any("probe" in k or k.startswith(("object.", "query.")) for k in weights)
+    assert not any("probe" in k or k.startswith(("object.", "query.", "order.")) for k in weights)
 
 
 def colour_data(folder):
