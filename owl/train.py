@@ -493,9 +493,8 @@ class OrderProbe(torch.nn.Module):
     @staticmethod
     def part(model) -> torch.nn.Module:
         """The decoder layer to hook (Llama- and BLOOM-style language models)."""
-        inner = model.language_model.model if hasattr(model.language_model, "model") else model.language_model
-        layers = inner.layers if hasattr(inner, "layers") else inner.h
-        return layers[OrderProbe.layer]
+        decoder = model.language_model.get_decoder()
+        return (decoder.layers if hasattr(decoder, "layers") else decoder.h)[OrderProbe.layer]
 
     def labels(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L): each image slot's image number in its row (0 for the first), IGNORE for text."""

@@ -208,6 +208,19 @@ def test_order_probe_trains_the_first_layer_to_know_which_image_a_vector_is_from
     assert guess[slots].tolist() == [0] * per_image + [1] * per_image
 
 
+@pytest.mark.parametrize("text", ["llama", "bloom"])
+def test_order_probe_hooks_the_first_decoder_layer_of_either_language_model(text):
+    from owl.checkpoint import build_model
+    from owl.config import preset
+    from tests.test_variants import BLOOM_TEXT
+
+    config = preset("tiny") if text == "llama" else preset("tiny").replace(name="tiny-bloom", text=BLOOM_TEXT)
+    model = build_model(config, device=torch.device("cpu"), dtype=torch.float32)
+    decoder = model.language_model.get_decoder()
+    first = decoder.layers[0] if text == "llama" else decoder.h[0]
+    assert OrderProbe.part(model) is first
+
+
 def test_the_tiny_recipe_runs_its_stages_and_resumes(tmp_path):
     """The embedded model's recipe at toy size: tokenizer, vision stage, then the rest with the tower
     frozen and the query and order probes on; a resumed run picks up its own tokenizer and probes."""
