@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import json
 import logging
@@ -796,17 +795,17 @@ def train(settings: TrainSettings) -> Path:
             indices = range(first, first + settings.batch_size)
             samples = [data[i] for i in indices]
             batch = make_batch(samples, tokenizer, config, settings.max_len, to_pixels, tokenize)
-            if len(probes):
-                layouts = [
-                    item
-                    for i, kept in zip(indices, batch.images_kept, strict=True)
-                    for item in data.layout(i)[:kept]
-                ]
-                loss = (
-                    _loss_with_probes(model, probes, batch, layouts, settings, device) / settings.grad_accum
-                )
-            else:
-                loss = _loss(model, batch, device, settings) / settings.grad_accum
+            with _autocast(settings, device):
+                if len(probes):
+                    layouts = [
+                        item
+                        for i, kept in zip(indices, batch.images_kept, strict=True)
+                        for item in data.layout(i)[:kept]
+                    ]
+                    loss = _loss_with_probes(model, probes, batch, layouts, settings, device)
+                else:
+                    loss = _loss(model, batch, device)
+            loss = loss / settings.grad_accum
             loss.backward()
             losses.append(loss.item() * settings.grad_accum)
         torch.nn.utils.clip_grad_norm_(params, settings.clip)
@@ -882,7 +881,7 @@ def _loss_with_probes(model, probes, batch: Batch, layouts, settings: TrainSetti
         if name in probes
     ]
     try:
-        loss = _loss(model, batch, device, settings)
+        loss = _loss(model, batch, device)
     finally:
         for hook in hooks:
             hook.remove()
@@ -893,10 +892,9 @@ def _loss_with_probes(model, probes, batch: Batch, layouts, settings: TrainSetti
         "query": settings.query_probe,
         "order": settings.order_probe,
     }
-    with _autocast(settings, device):
-        for name, outputs in captured.items():
-            given = batch.input_ids if name == "order" else layouts  # the order probe reads slot numbers
-            loss = loss + weights[name] * probes[name].loss(outputs, given)
+    for name, outputs in captured.items():
+        given = batch.input_ids if name == "order" else layouts  # the order probe reads slot numbers
+        loss = loss + weights[name] * probes[name].loss(outputs, given)
     return loss
 
 
@@ -906,14 +904,13 @@ def _autocast(settings: TrainSettings, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-def _loss(model, batch: Batch, device, settings: TrainSettings | None = None) -> torch.Tensor:
-    with _autocast(settings, device) if settings is not None else contextlib.nullcontext():
-        out = model(
-            batch.input_ids.to(device),
-            batch.pixel_values.to(device) if batch.pixel_values.numel() else None,
-            attention_mask=batch.attention_mask.to(device),
-            labels=batch.labels.to(device),
-        )
+def _loss(model, batch: Batch, device) -> torch.Tensor:
+    out = model(
+        batch.input_ids.to(device),
+        batch.pixel_values.to(device) if batch.pixel_values.numel() else None,
+        attention_mask=batch.attention_mask.to(device),
+        labels=batch.labels.to(device),
+    )
     return out.loss
 
 
