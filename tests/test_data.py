@@ -6,6 +6,7 @@ generator's own helpers, so a wrong answer in the generator makes a test fail.
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import random
@@ -279,6 +280,29 @@ def test_dialogues_are_consistent_and_varied() -> None:
                     assert "first image" in turn.question or "second image" in turn.question, turn
     assert {(2, 2, 1), (2, 1, 2), (1, 1, 1), (1, 3, 1)} <= layouts
     assert dialogues.random_dialogue(random.Random(5)) == dialogues.random_dialogue(random.Random(5))
+
+
+def test_each_turn_names_the_image_it_is_about() -> None:
+    """A question naming an image is about it, "which image has X" about the one holding X, a
+    pronoun follow-up about its object's image, and a comparison about none."""
+    seen = collections.Counter()
+    for seed in range(400):
+        d = dialogues.random_dialogue(random.Random(seed), extra_turns=2)
+        previous = None
+        for turn in d.turns:
+            if turn.kind == "which_image":
+                assert turn.image == ("The first image.", "The second image.").index(turn.answer)
+            elif turn.kind in ("more_objects", "same_count", "same_shapes"):
+                assert turn.image is None
+            elif turn.kind.startswith("followup_"):
+                assert turn.image == previous.image
+            elif len(d.scenes) == 1:
+                assert turn.image == 0
+            elif "first image" in turn.question or "second image" in turn.question:
+                assert turn.image == (0 if "first image" in turn.question else 1), turn
+            seen[turn.kind.split("_")[0], turn.image] += 1
+            previous = turn
+    assert seen["which", 0] and seen["which", 1] and seen["followup", 1] and seen["same", None]
 
 
 # --- template -------------------------------------------------------------------------------------

@@ -288,7 +288,7 @@ def easy_example(seed: int, index: int, *, system: str = DEMO_SYSTEM) -> Example
     for kind in rng.sample(EASY_KINDS, k=len(EASY_KINDS)):
         asked = SINGLE_QUESTIONS[kind](rng, scene, single_ref(rng))
         if asked is not None and all(t.question != asked.question for t in turns):
-            turns.append(Turn(asked.question, asked.answer, asked.kind, 1 if not turns else 0))
+            turns.append(Turn(asked.question, asked.answer, asked.kind, 1 if not turns else 0, 0))
         if len(turns) == 4:
             break
     dialogue = Dialogue((scene,), tuple(turns))

@@ -30,12 +30,14 @@ from owl.data.scenes import COLOURS, MAX_OBJECTS, SHAPE_KINDS, Scene, Shape, con
 
 @dataclass(frozen=True)
 class Turn:
-    """One question and its gold answer. ``new_images`` images are shown right before the question."""
+    """One question and its gold answer. ``new_images`` images are shown right before the question;
+    ``image`` is the image the question is about (0: the first), None when it compares several."""
 
     question: str
     answer: str
     kind: str
     new_images: int = 0
+    image: int | None = None
 
 
 @dataclass(frozen=True)
@@ -251,12 +253,14 @@ def palette(scene: Scene) -> list[str]:
 
 @dataclass(frozen=True)
 class Asked:
-    """A generated question; ``focus`` is the object it singled out, for pronoun follow-ups."""
+    """A generated question; ``focus`` is the object it singled out, for pronoun follow-ups, and
+    ``image`` the image whose contents answer it, where a two-image question has one."""
 
     question: str
     answer: str
     kind: str
     focus: Shape | None = None
+    image: int | None = None
 
 
 SingleQuestion = Callable[[random.Random, Scene, Ref], Asked | None]
@@ -563,7 +567,7 @@ def ask_which_image(rng: random.Random, scenes: Sequence[Scene]) -> Asked | None
             "Which picture contains {t}?",
         )
     )
-    return Asked(template.format(t=thing), _ordinal_answer(index), "which_image")
+    return Asked(template.format(t=thing), _ordinal_answer(index), "which_image", image=index)
 
 
 def ask_more_objects(rng: random.Random, scenes: Sequence[Scene]) -> Asked | None:
@@ -643,18 +647,21 @@ class _Builder:
         self.scenes: list[Scene] = []
         self.turns: list[Turn] = []
         self.focus: Shape | None = None
+        self.focus_image: int | None = None  # the image ``focus`` is in
         self._pending_images = 0
 
     def show(self, *scenes: Scene) -> None:
         self.scenes += scenes
         self._pending_images += len(scenes)
 
-    def add(self, asked: Asked | None) -> bool:
+    def add(self, asked: Asked | None, image: int | None = None) -> bool:
+        """Ask ``asked`` (about ``image``, unless it names its own) if it is new."""
         if asked is None or any(turn.question == asked.question for turn in self.turns):
             return False
-        self.turns.append(Turn(asked.question, asked.answer, asked.kind, self._pending_images))
+        image = asked.image if asked.image is not None else image
+        self.turns.append(Turn(asked.question, asked.answer, asked.kind, self._pending_images, image))
         self._pending_images = 0
-        self.focus = asked.focus
+        self.focus, self.focus_image = asked.focus, image
         return True
 
     def ask_single(self, index: int, ref: Ref) -> None:
@@ -664,7 +671,7 @@ class _Builder:
         """
         for _ in range(10):
             for kind in _weighted_order(self.rng, SINGLE_QUESTIONS, SINGLE_WEIGHTS):
-                if self.add(SINGLE_QUESTIONS[kind](self.rng, self.scenes[index], ref)):
+                if self.add(SINGLE_QUESTIONS[kind](self.rng, self.scenes[index], ref), index):
                     return
         raise RuntimeError(f"no new question found about {self.scenes[index]}")
 
@@ -678,7 +685,7 @@ class _Builder:
         if (
             self.focus is not None
             and self.rng.random() < 0.5
-            and self.add(ask_followup(self.rng, self.focus))
+            and self.add(ask_followup(self.rng, self.focus), self.focus_image)
         ):
             return
         self.ask_single(index, ref)
