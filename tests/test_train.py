@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from owl.train import (
     IGNORE,
     ObjectProbe,
     OrderProbe,
+    ReferenceProbe,
     TrainSettings,
     parse_args,
     set_stage,
@@ -219,6 +221,89 @@ def test_order_probe_hooks_the_first_decoder_layer_of_either_language_model(text
     decoder = model.language_model.get_decoder()
     first = decoder.layers[0] if text == "llama" else decoder.h[0]
     assert OrderProbe.part(model) is first
+
+
+def two_image_row(per_image: int, between: int = 7) -> list[int]:
+    """Text, a picture, ``between``, a second picture, a question and a two-token answer."""
+    return (
+        [5, 6] + [IMAGE_TOKEN_ID] * per_image + [between] + [IMAGE_TOKEN_ID] * per_image + [8, 9, 10, 11, 12]
+    )
+
+
+def answer_labels(ids: torch.Tensor) -> torch.Tensor:
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -2:] = ids[:, -2:]
+    return labels
+
+
+def test_reference_probe_asks_the_positions_before_each_answer_token_about_their_image():
+    probe = ReferenceProbe(per_image=2)
+    s = IMAGE_TOKEN_ID
+    ids = torch.tensor([[4, s, s, 5, s, s, 6, 7, 8, 9, 10], [4, s, s, 6, 7, 8, 9, 10, 11, 12, 13]])
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, 7:9] = ids[:, 7:9]  # first answer
+    labels[:, 10] = ids[:, 10]  # second answer
+    # Row 0: a turn about the second image, then a comparison; row 1 has one image, nothing to choose.
+    assert probe.targets(ids, labels, [[1, None], [0, 0]]) == [(0, 6, 1), (0, 7, 1)]
+    assert probe.targets(ids, labels, [[None, 0], [0, 0]]) == [(0, 9, 0)]
+
+
+def test_reference_probe_reads_the_models_own_attention():
+    """The probe's loss is minus the log of the attention mass the last layer's first heads put on
+    the asked image, as the model itself computes it (eager attention, returned weights)."""
+    torch.manual_seed(0)
+    model = make_tiny()
+    per_image = model.config.num_image_tokens
+    probe = ReferenceProbe.for_model(model)
+    ids = torch.tensor([two_image_row(per_image)] * 2)
+    labels, references = answer_labels(ids), [[0], [1]]
+    size = model.config.vision.image_size
+    captured = []
+    hook = ReferenceProbe.part(model).register_forward_pre_hook(
+        lambda *call: captured.append(ReferenceProbe.capture(*call)), with_kwargs=True
+    )
+    model.language_model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        attentions = model(ids, torch.randn(4, 3, size, size), output_attentions=True).attentions[-1]
+        loss = probe.loss(captured[0], ids, labels, references)
+    hook.remove()
+    slots = ids[0] == IMAGE_TOKEN_ID
+    image = (slots.long().cumsum(0) - 1) // per_image
+    expected = [
+        -torch.log(attentions[row, head, position][slots & (image == asked)].sum())
+        for row, position, asked in probe.targets(ids, labels, references)
+        for head in range(ReferenceProbe.heads)
+    ]
+    assert len(expected) == 8
+    assert torch.isclose(loss, torch.stack(expected).mean(), atol=1e-5)
+
+
+def test_reference_probe_teaches_the_last_layer_to_look_at_the_asked_image():
+    """Two rows alike but for one token between the pictures; trained through the probe alone, the
+    last layer's heads learn to look at the first picture in one row and the second in the other."""
+    torch.manual_seed(0)
+    model = make_tiny()
+    per_image = model.config.num_image_tokens
+    probe = ReferenceProbe.for_model(model)
+    ids = torch.tensor([two_image_row(per_image, 20), two_image_row(per_image, 21)])
+    labels, references = answer_labels(ids), [[0], [1]]
+    size = model.config.vision.image_size
+    pixels = torch.randn(2, 3, size, size).repeat(2, 1, 1, 1)
+    captured = []
+    attention = ReferenceProbe.part(model)
+    hook = attention.register_forward_pre_hook(
+        lambda *call: captured.append(ReferenceProbe.capture(*call)), with_kwargs=True
+    )
+    optimizer = torch.optim.Adam(model.language_model.parameters(), lr=3e-3)
+    for _ in range(60):
+        captured.clear()
+        model(ids, pixels)
+        loss = probe.loss(captured[0], ids, labels, references)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    hook.remove()
+    assert loss.item() < -math.log(0.9)  # at least 90 % of those heads' attention on the asked image
 
 
 def test_the_tiny_recipe_runs_its_stages_and_resumes(tmp_path):
