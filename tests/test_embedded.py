@@ -79,7 +79,6 @@ def test_with_two_images_the_answer_follows_their_order(engine):
     }
 
 
-@NOT_YET
 def test_a_later_turn_about_the_first_image_still_uses_it(engine):
     """Image one, a question; image two, a question; then back to image one, in both colour orders
     (a model that answers about the newest image, or repeats an earlier answer, fails one)."""
