@@ -468,6 +468,18 @@ class QueryProbe(torch.nn.Module):
         return loss / 5
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The language model's decoder layers (Llama- and BLOOM-style language models)."""
+    decoder = model.language_model.get_decoder()
+    return decoder.layers if hasattr(decoder, "layers") else decoder.h
+
+
+def image_numbers(input_ids: torch.Tensor, per_image: int) -> torch.Tensor:
+    """(B, L): at each image slot, the number of its image in its row (0 for the first). Text
+    positions carry the number of the image before them: mask them with the slots."""
+    return ((input_ids == IMAGE_TOKEN_ID).long().cumsum(1) - 1).clamp(min=0) // per_image
+
+
 class OrderProbe(torch.nn.Module):
     """A training-only head on the language model's first layer: which image of the conversation
     (first, second, ...) each image vector belongs to.
@@ -496,15 +508,12 @@ class OrderProbe(torch.nn.Module):
     @staticmethod
     def part(model) -> torch.nn.Module:
         """The decoder layer to hook (Llama- and BLOOM-style language models)."""
-        decoder = model.language_model.get_decoder()
-        return (decoder.layers if hasattr(decoder, "layers") else decoder.h)[OrderProbe.layer]
+        return decoder_layers(model)[OrderProbe.layer]
 
     def labels(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L): each image slot's image number in its row (0 for the first), IGNORE for text."""
-        slots = input_ids == IMAGE_TOKEN_ID
-        order = (slots.long().cumsum(1) - 1).clamp(min=0) // self.per_image
-        order = order.clamp(max=self.index.out_features - 1)
-        return torch.where(slots, order, torch.full_like(order, IGNORE))
+        order = image_numbers(input_ids, self.per_image).clamp(max=self.index.out_features - 1)
+        return torch.where(input_ids == IMAGE_TOKEN_ID, order, torch.full_like(order, IGNORE))
 
     def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """``hidden`` (B, L, H): the hooked layer's output for the batch whose ids are ``input_ids``."""
@@ -541,10 +550,10 @@ class ReferenceProbe(torch.nn.Module):
     @staticmethod
     def part(model) -> torch.nn.Module:
         """The attention module of the last decoder layer (Llama-style language models)."""
-        layers = getattr(model.language_model.get_decoder(), "layers", None)
-        if layers is None:
+        last = decoder_layers(model)[-1]
+        if not hasattr(last, "self_attn"):
             raise ValueError("the reference probe needs a Llama-style language model")
-        return layers[-1].self_attn
+        return last.self_attn
 
     @staticmethod
     def capture(module, args, kwargs) -> tuple:
@@ -584,7 +593,7 @@ class ReferenceProbe(torch.nn.Module):
             return hidden.sum() * 0.0
         width = attention.head_dim
         slots = (input_ids == IMAGE_TOKEN_ID).to(hidden.device)
-        image_of = (slots.long().cumsum(1) - 1) // self.per_image
+        image_of = image_numbers(input_ids, self.per_image).to(hidden.device)
         losses = []
         for row in sorted({r for r, _, _ in found}):
             positions = [p for r, p, _ in found if r == row]
@@ -1092,7 +1101,8 @@ def _save(
 
 # The embedded model's recipe (models/owl-tiny): everything from scratch on synthetic scenes, in two
 # stages. The vision stage teaches the tower alone (with the object probe) and ends with a checkpoint;
-# then the tower is frozen and the rest trains with the query and order probes, tokens as prompted.
+# then the tower is frozen and the rest trains with the query, order and reference probes, tokens as
+# prompted.
 TINY_RECIPE = {
     "config": "owl-tiny",
     "data": "synthetic",
