@@ -317,7 +317,7 @@ PRESETS: dict[str, OwlConfig] = {
             "vocab_size": 1000,
             "hidden_size": 192,
             "intermediate_size": 512,
-            "num_hidden_layers": 3,
+            "num_hidden_layers": 4,
             "num_attention_heads": 6,
             "max_position_embeddings": 512,
         },

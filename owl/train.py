@@ -21,8 +21,9 @@ checkpoint (our export layout plus optimizer state, read back with ``weights_onl
 final folder of a LoRA run holds them and the model with them merged in.
 
 ``--recipe tiny`` adds what a model trained from scratch needs and the releases got from
-pretrained parts: a vision stage first (the tower alone learns each object's shape, colour,
-size and place, the role CLIP pretraining played for the real tower; then it is frozen), and
+pretrained parts: a vision stage first (the tower learns each object's shape, colour,
+size and place, the role CLIP pretraining played for the real tower, and the abstractor learns
+to gather it; then the tower is frozen), and
 training-only probes that ask the tower, the abstractor and the language model's first layer
 what the synthetic world knows they should show, and the last layer to look at the image a
 question is about while it answers. The probes are not part of the exported model.
@@ -210,6 +211,33 @@ class SyntheticData:
         """(scene, render settings) per image of example ``index`` (drawn, with ``keep_layouts``),
         and per turn the image it is about (None for a comparison)."""
         return self.layouts.pop(index)
+
+
+class LengthGroups:
+    """Batches of examples of about the same length, so that little of a batch is padding.
+
+    The examples of ``pool`` consecutive batches are drawn together, sorted by their token count
+    and cut into batches, which are then taken in a seeded random order (not shortest first).
+    Batch ``unit`` is a pure function of (``seed``, ``unit``), so a resumed run sees the same batches.
+    """
+
+    def __init__(self, data, size: int, pool: int, length, seed: int):
+        self.data, self.size, self.pool, self.length, self.seed = data, size, pool, length, seed
+        self._group, self._batches, self._samples = None, [], {}
+
+    def batch(self, unit: int) -> tuple[list[int], list]:
+        """(indices, samples) of batch number ``unit``."""
+        group, place = divmod(unit, self.pool)
+        if group != self._group:
+            first = group * self.pool * self.size
+            indices = range(first, first + self.pool * self.size)
+            self._samples = {i: self.data[i] for i in indices}
+            by_length = sorted(indices, key=lambda i: (self.length(self._samples[i]), i))
+            self._batches = [by_length[k : k + self.size] for k in range(0, len(by_length), self.size)]
+            random.Random(f"length-groups:{self.seed}:{group}").shuffle(self._batches)
+            self._group = group
+        indices = self._batches[place]
+        return indices, [self._samples.pop(i) for i in indices]
 
 
 class RecipeAugment:
@@ -428,6 +456,11 @@ class QueryProbe(torch.nn.Module):
         self.size = torch.nn.Linear(width, len(self.sizes))
         self.position = torch.nn.Linear(width, 2)
 
+    @classmethod
+    def for_model(cls, model) -> QueryProbe:
+        """A probe sized for ``model``'s image vectors, on its device."""
+        return cls(model.config.text_hidden_size, model.config.num_query_tokens).to(model.device)
+
     def cell(self, shape) -> int:
         """The query (row-major cell of the grid) that answers for ``shape``."""
         row, col = (min(self.grid - 1, int(v * self.grid)) for v in (shape.y, shape.x))
@@ -466,6 +499,23 @@ class QueryProbe(torch.nn.Module):
                 * torch.nn.functional.mse_loss(self.position(objects), torch.tensor(places, device=device))
             )
         return loss / 5
+
+    @torch.no_grad()
+    def accuracy(self, vectors: torch.Tensor, layouts) -> dict[str, float]:
+        """Per object, whether the query of its cell names its shape and colour (cells that hold
+        two centres left out), and per picture whether the queries count its objects."""
+        slots = vectors[:, : self.grid * self.grid].float()
+        kinds, colours = self.shape(slots).argmax(-1).cpu(), self.colour(slots).argmax(-1).cpu()
+        scores = {"query shape": [], "query colour": [], "query count": []}
+        for picture, (scene, _) in enumerate(layouts):
+            cells = collections.Counter(self.cell(shape) for shape in scene.shapes)
+            for shape in scene.shapes:
+                cell = self.cell(shape)
+                if cells[cell] == 1:
+                    scores["query shape"].append(self.kinds[kinds[picture, cell]] == shape.kind)
+                    scores["query colour"].append(self.colours[colours[picture, cell]] == shape.colour)
+            scores["query count"].append(int((kinds[picture] > 0).sum()) == len(scene.shapes))
+        return {name: sum(values) / len(values) for name, values in scores.items()}
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
@@ -631,15 +681,27 @@ def vision_layouts(seed: int, first: int, count: int, min_objects: int = 1):
         yield scene, settings, render_with(scene, settings, rng)
 
 
-def pretrain_vision(model, processor, settings: TrainSettings, device) -> ObjectProbe:
+def pretrain_vision(
+    model, processor, settings: TrainSettings, device
+) -> tuple[ObjectProbe, QueryProbe | None]:
     """The vision stage of the embedded model's recipe: the vision tower alone learns to tell each
     object's shape, colour and size (the role CLIP pretraining plays for the real tower), before
-    the language model joins. Returns the trained probe, for the next stage to keep using."""
+    the language model joins. With ``settings.vision_abstractor`` the query tokens and abstractor
+    train beside it, each query asked for the object in its cell (:class:`QueryProbe`), so that the
+    tower learns to show shapes in a form the queries can gather. Returns the trained probes, for
+    the next stage to keep using."""
     from tqdm import tqdm
 
     tower = model.vision_model
     probe = ObjectProbe.for_model(model)
     params = [*tower.parameters(), *probe.parameters()]
+    queries = QueryProbe.for_model(model) if settings.vision_abstractor else None
+    if queries is not None:
+        params += [model.query_tokens, *model.abstractor.parameters(), *queries.parameters()]
+
+    def vectors(tokens: torch.Tensor) -> torch.Tensor:
+        return model.abstractor(model.query_tokens.expand(tokens.shape[0], -1, -1), tokens)
+
     optimizer = torch.optim.AdamW(params, lr=settings.vision_lr, weight_decay=0.01)
     warmup = min(100, settings.vision_steps // 10)
     schedule = _schedule(
@@ -648,14 +710,19 @@ def pretrain_vision(model, processor, settings: TrainSettings, device) -> Object
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     held_out = list(vision_layouts(settings.data_seed + 1, 0, 200))
     held_pixels = torch.stack([processor.pixels(image) for _, _, image in held_out]).to(device)
+    held_layouts = [(scene, render) for scene, render, _ in held_out]
     batch = settings.vision_batch_size
-    tower.train()
+    model.train()
     progress = tqdm(range(settings.vision_steps), desc="vision stage", file=sys.stderr)
     for step in progress:
         drawn = list(vision_layouts(settings.data_seed, step * batch, batch, settings.vision_min_objects))
         pixels = torch.stack([processor.pixels(image) for _, _, image in drawn]).to(device)
+        layouts = [(scene, render) for scene, render, _ in drawn]
         with _autocast(settings, device):
-            loss = probe.loss(tower(pixels), [(scene, render) for scene, render, _ in drawn])
+            tokens = tower(pixels)
+            loss = probe.loss(tokens, layouts)
+            if queries is not None:
+                loss = loss + queries.loss(vectors(tokens), layouts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, settings.clip)
@@ -663,15 +730,19 @@ def pretrain_vision(model, processor, settings: TrainSettings, device) -> Object
         scheduler.step()
         progress.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % settings.eval_every == 0 or step + 1 == settings.vision_steps:
-            tower.eval()
-            scores = probe.accuracy(tower(held_pixels), [(s, r) for s, r, _ in held_out])
-            tower.train()
+            model.eval()
+            with torch.no_grad():
+                tokens = tower(held_pixels)
+                scores = probe.accuracy(tokens, held_layouts)
+                if queries is not None:
+                    scores |= queries.accuracy(vectors(tokens), held_layouts)
+            model.train()
             tqdm.write(
                 f"vision step {step + 1}: held-out objects "
                 + ", ".join(f"{name} {value:.1%}" for name, value in scores.items()),
                 file=sys.stderr,
             )
-    return probe
+    return probe, queries
 
 
 # --- what trains ---------------------------------------------------------------------------------
@@ -758,6 +829,8 @@ class TrainSettings:
     vision_batch_size: int = 32
     vision_lr: float = 1e-3
     vision_min_objects: int = 1  # objects per picture in the vision stage: this many to four
+    vision_abstractor: bool = False  # the vision stage also trains the query tokens and abstractor
+    length_groups: int = 0  # sort this many batches' examples by length, for less padding (0: off)
     easy_steps: int = 0  # synthetic data: a curriculum of simple pictures fading out over 2x these steps
 
 
@@ -833,7 +906,9 @@ def train(settings: TrainSettings) -> Path:
     model.train()
     synthetic = settings.data in (None, "synthetic")
     vision_done = settings.vision_steps and synthetic and not settings.init and not resuming
-    trained = pretrain_vision(model, processor, settings, device) if vision_done else None
+    trained, trained_queries = (
+        pretrain_vision(model, processor, settings, device) if vision_done else (None, None)
+    )
     if settings.freeze_vision:
         model.vision_model.requires_grad_(False)
     probes = torch.nn.ModuleDict()  # training-only heads, by the part of the model they ask
@@ -842,7 +917,7 @@ def train(settings: TrainSettings) -> Path:
     ):  # a frozen tower has nothing to learn
         probes["object"] = trained if trained is not None else ObjectProbe.for_model(model)
     if synthetic and settings.query_probe:
-        probes["query"] = QueryProbe(model.config.text_hidden_size, model.config.num_query_tokens).to(device)
+        probes["query"] = trained_queries if trained_queries is not None else QueryProbe.for_model(model)
     if synthetic and settings.order_probe:
         probes["order"] = OrderProbe.for_model(model)
     if synthetic and settings.reference_probe:
@@ -896,6 +971,15 @@ def train(settings: TrainSettings) -> Path:
     tokenize = tokenize_recipe if settings.tokenization == "recipe" else tokenize_as_prompted
     config = model.config
     per_step = settings.batch_size * settings.grad_accum
+    groups = None
+    if settings.length_groups > 1:
+        groups = LengthGroups(
+            data,
+            settings.batch_size,
+            settings.length_groups,
+            lambda sample: len(tokenize(sample[0], tokenizer, config.num_image_tokens, settings.max_len)[0]),
+            settings.seed,
+        )
     progress = tqdm(
         range(start_step, steps), initial=start_step, total=steps, desc="training", file=sys.stderr
     )
@@ -903,9 +987,12 @@ def train(settings: TrainSettings) -> Path:
     for step in progress:
         optimizer.zero_grad(set_to_none=True)
         for micro in range(settings.grad_accum):
-            first = step * per_step + micro * settings.batch_size
-            indices = range(first, first + settings.batch_size)
-            samples = [data[i] for i in indices]
+            if groups is not None:
+                indices, samples = groups.batch(step * settings.grad_accum + micro)
+            else:
+                first = step * per_step + micro * settings.batch_size
+                indices = range(first, first + settings.batch_size)
+                samples = [data[i] for i in indices]
             batch = make_batch(samples, tokenizer, config, settings.max_len, to_pixels, tokenize)
             with _autocast(settings, device):
                 if len(probes):
@@ -1100,9 +1187,9 @@ def _save(
 # --- command line --------------------------------------------------------------------------------
 
 # The embedded model's recipe (models/owl-tiny): everything from scratch on synthetic scenes, in two
-# stages. The vision stage teaches the tower alone (with the object probe) and ends with a checkpoint;
-# then the tower is frozen and the rest trains with the query, order and reference probes, tokens as
-# prompted.
+# stages. The vision stage teaches the tower (with the object probe) and the abstractor beside it
+# (with the query probe) and ends with a checkpoint; then the tower is frozen and the rest trains with
+# the query, order and reference probes, tokens as prompted, in batches of about one length.
 TINY_RECIPE = {
     "config": "owl-tiny",
     "data": "synthetic",
@@ -1113,6 +1200,7 @@ TINY_RECIPE = {
     "vision_batch_size": 32,
     "vision_lr": 1e-3,
     "vision_min_objects": 2,
+    "vision_abstractor": True,
     "object_probe": 0.5,
     "freeze_vision": True,
     "steps": 2400,
@@ -1123,6 +1211,7 @@ TINY_RECIPE = {
     "order_probe": 0.5,
     "reference_probe": 0.3,
     "extra_turns": 2,
+    "length_groups": 8,
     "easy_steps": 500,
     "min_lr_ratio": 0.05,
     "warmup": 100,
@@ -1183,6 +1272,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
         ("vision-lr", float),
         ("vision-min-objects", int),
         ("easy-steps", int),
+        ("length-groups", int),
     ]:
         parser.add_argument(f"--{name}", type=kind)
     parser.add_argument("--device")
@@ -1192,6 +1282,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
     )
     parser.add_argument(
         "--freeze-vision", action="store_true", default=None, help="do not train the vision tower"
+    )
+    parser.add_argument(
+        "--vision-abstractor",
+        action="store_true",
+        default=None,
+        help="the vision stage also trains the query tokens and abstractor (synthetic data)",
     )
     parser.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
     args = vars(parser.parse_args(argv))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -110,7 +111,8 @@ def test_the_vision_stage_trains_the_tower_to_read_objects(tmp_path):
         out=tmp_path, vision_steps=150, vision_batch_size=8, vision_lr=5e-3, eval_every=1000
     )
     before = {k: v.clone() for k, v in model.vision_model.state_dict().items()}
-    probe = pretrain_vision(model, processor, settings, torch.device("cpu"))
+    probe, queries = pretrain_vision(model, processor, settings, torch.device("cpu"))
+    assert queries is None  # the abstractor waits for the next stage unless asked
     assert any(not torch.equal(before[k], v) for k, v in model.vision_model.state_dict().items())
     # Large shapes of every colour that shows on grey, three of each, none of them drawn in training.
     layouts, pixels = [], []
@@ -122,6 +124,40 @@ def test_the_vision_stage_trains_the_tower_to_read_objects(tmp_path):
     model.eval()
     scores = probe.accuracy(model.vision_model(torch.stack(pixels)), layouts)
     assert scores["colour"] >= 0.5  # a tower that learnt nothing gets about 1 in 7
+
+
+def test_the_vision_stage_can_train_the_abstractor_to_gather_each_cell(tmp_path):
+    """With ``vision_abstractor`` the query tokens and abstractor train beside the tower: on
+    held-out pictures the query of an object's cell names its colour."""
+    from owl.data.scenes import RenderSettings, Scene, Shape, contrasts, render
+    from owl.processing import ImageProcessor
+    from owl.train import pretrain_vision
+
+    torch.manual_seed(0)
+    model = make_tiny("tiny")
+    processor = ImageProcessor(model.config.vision.image_size)
+    settings = TrainSettings(
+        out=tmp_path,
+        vision_steps=300,
+        vision_batch_size=8,
+        vision_lr=5e-3,
+        eval_every=1000,
+        vision_abstractor=True,
+    )
+    before = {k: v.clone() for k, v in model.abstractor.state_dict().items()}
+    _, queries = pretrain_vision(model, processor, settings, torch.device("cpu"))
+    assert any(not torch.equal(before[k], v) for k, v in model.abstractor.state_dict().items())
+    # One large shape per picture, in each quarter in turn (the tiny config's 2x2 grid of cells).
+    layouts, pixels = [], []
+    colours = [c for c in queries.colours if contrasts(c, "grey")] * 2
+    for i, colour in enumerate(colours):
+        x, y = (0.27, 0.73)[i % 2], (0.27, 0.73)[(i // 2) % 2]
+        scene = Scene("grey", (Shape(queries.kinds[1 + i % 6], colour, "large", x, y, 0.17),))
+        layouts.append((scene, RenderSettings(120, 120)))
+        pixels.append(processor.pixels(render(scene, width=120, height=120)))
+    model.eval()
+    vectors = model.encode_images(torch.stack(pixels))
+    assert queries.accuracy(vectors, layouts)["query colour"] >= 0.5  # chance is 1 in 8
 
 
 def test_query_probe_asks_each_query_for_the_object_in_its_cell():
@@ -304,6 +340,29 @@ def test_reference_probe_teaches_the_last_layer_to_look_at_the_asked_image():
         optimizer.step()
     hook.remove()
     assert loss.item() < -math.log(0.9)  # at least 90 % of those heads' attention on the asked image
+
+
+def test_length_groups_batch_examples_of_about_one_length_and_use_each_once():
+    """Each pool's examples come out once, in batches sorted by length (less padding than taking
+    them in order), and batch ``u`` is the same whenever it is asked for, as on a resumed run."""
+    from owl.train import LengthGroups
+
+    rng = random.Random(0)
+    data = [("x" * rng.randint(1, 200), []) for _ in range(64)]
+
+    def padding(batches):
+        return sum(len(b) * max(len(t) for t, _ in b) - sum(len(t) for t, _ in b) for b in batches)
+
+    groups = LengthGroups(data, size=4, pool=8, length=lambda sample: len(sample[0]), seed=3)
+    taken = [groups.batch(unit) for unit in range(16)]
+    assert sorted(i for indices, _ in taken for i in indices) == list(range(64))
+    assert all([data[i] for i in indices] == samples for indices, samples in taken)
+    in_order = [data[k : k + 4] for k in range(0, 64, 4)]
+    assert padding([samples for _, samples in taken]) < padding(in_order) / 3
+    lengths = [max(len(t) for t, _ in samples) for _, samples in taken[:8]]
+    assert lengths != sorted(lengths)  # not shortest first
+    resumed = LengthGroups(data, size=4, pool=8, length=lambda sample: len(sample[0]), seed=3)
+    assert resumed.batch(11) == taken[11]
 
 
 def test_the_tiny_recipe_runs_its_stages_and_resumes(tmp_path):
