@@ -343,8 +343,11 @@ class OwlModel(nn.Module):
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) normalised pixels → (N, num_image_tokens, text width) LLM input vectors."""
         pixels = pixels.to(device=self.device, dtype=self.vision_model.post_layernorm.weight.dtype)
-        image = self.vision_model(pixels)  # (N, P+1, Dv)
-        queries = self.query_tokens.expand(pixels.shape[0], -1, -1)  # (N, Q, Da)
+        return self.gather(self.vision_model(pixels))
+
+    def gather(self, image: torch.Tensor) -> torch.Tensor:
+        """(N, P+1, Dv) vision tokens → (N, num_image_tokens, text width), read by the abstractor's queries."""
+        queries = self.query_tokens.expand(image.shape[0], -1, -1)  # (N, Q, Da)
         return self.abstractor(queries, image)  # (N, Q+1, H)
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -699,9 +699,6 @@ def pretrain_vision(
     if queries is not None:
         params += [model.query_tokens, *model.abstractor.parameters(), *queries.parameters()]
 
-    def vectors(tokens: torch.Tensor) -> torch.Tensor:
-        return model.abstractor(model.query_tokens.expand(tokens.shape[0], -1, -1), tokens)
-
     optimizer = torch.optim.AdamW(params, lr=settings.vision_lr, weight_decay=0.01)
     warmup = min(100, settings.vision_steps // 10)
     schedule = _schedule(
@@ -722,7 +719,7 @@ def pretrain_vision(
             tokens = tower(pixels)
             loss = probe.loss(tokens, layouts)
             if queries is not None:
-                loss = loss + queries.loss(vectors(tokens), layouts)
+                loss = loss + queries.loss(model.gather(tokens), layouts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, settings.clip)
@@ -735,7 +732,7 @@ def pretrain_vision(
                 tokens = tower(held_pixels)
                 scores = probe.accuracy(tokens, held_layouts)
                 if queries is not None:
-                    scores |= queries.accuracy(vectors(tokens), held_layouts)
+                    scores |= queries.accuracy(model.gather(tokens), held_layouts)
             model.train()
             tqdm.write(
                 f"vision step {step + 1}: held-out objects "
@@ -970,7 +967,6 @@ def train(settings: TrainSettings) -> Path:
     to_pixels = RecipeAugment(processor, rng) if settings.augment == "recipe" else processor.pixels
     tokenize = tokenize_recipe if settings.tokenization == "recipe" else tokenize_as_prompted
     config = model.config
-    per_step = settings.batch_size * settings.grad_accum
     groups = None
     if settings.length_groups > 1:
         groups = LengthGroups(
@@ -987,11 +983,11 @@ def train(settings: TrainSettings) -> Path:
     for step in progress:
         optimizer.zero_grad(set_to_none=True)
         for micro in range(settings.grad_accum):
+            unit = step * settings.grad_accum + micro  # this micro-batch's number in the run
             if groups is not None:
-                indices, samples = groups.batch(step * settings.grad_accum + micro)
+                indices, samples = groups.batch(unit)
             else:
-                first = step * per_step + micro * settings.batch_size
-                indices = range(first, first + settings.batch_size)
+                indices = range(unit * settings.batch_size, (unit + 1) * settings.batch_size)
                 samples = [data[i] for i in indices]
             batch = make_batch(samples, tokenizer, config, settings.max_len, to_pixels, tokenize)
             with _autocast(settings, device):
