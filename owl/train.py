@@ -324,10 +324,13 @@ class ObjectProbe(torch.nn.Module):
     heads are dropped from the exported model, which keeps exactly the mPLUG-Owl architecture.
     """
 
-    def __init__(self, width: int, grid: int):
+    def __init__(self, width: int, grid: int, shape_weight: float = 1.0):
         from owl.data.scenes import BACKGROUNDS, COLOURS, SHAPE_KINDS, SIZES
 
         super().__init__()
+        # Shapes are what a tower from scratch learns last (colour and size come almost at once),
+        # so their head may weigh more than the others.
+        self.shape_weight = shape_weight
         self.kinds, self.colours, self.sizes = list(SHAPE_KINDS), list(COLOURS), list(SIZES)
         self.backgrounds = list(BACKGROUNDS)
         self.shape = torch.nn.Linear(width, len(self.kinds))
@@ -344,10 +347,11 @@ class ObjectProbe(torch.nn.Module):
         self.patch_kind = torch.nn.Linear(width, 1 + len(self.kinds))  # "none", then the kinds
 
     @classmethod
-    def for_model(cls, model) -> ObjectProbe:
+    def for_model(cls, model, shape_weight: float = 1.0) -> ObjectProbe:
         """A probe sized for ``model``'s vision tower, on its device."""
         vision = model.config.vision
-        return cls(vision.hidden_size, vision.image_size // vision.patch_size).to(model.device)
+        grid = vision.image_size // vision.patch_size
+        return cls(vision.hidden_size, grid, shape_weight).to(model.device)
 
     @staticmethod
     def masks(scene, settings, grid: int) -> torch.Tensor:
@@ -388,7 +392,7 @@ class ObjectProbe(torch.nn.Module):
         rows, columns = self.row(patches).flatten(0, 1), self.column(patches).flatten(0, 1)
         ce, mse = torch.nn.functional.cross_entropy, torch.nn.functional.mse_loss
         return (
-            ce(self.shape(objects), torch.cat(kinds).to(device))
+            self.shape_weight * ce(self.shape(objects), torch.cat(kinds).to(device))
             + ce(self.colour(objects), torch.cat(colours).to(device))
             + ce(self.size(objects), torch.cat(sizes).to(device))
             + ce(self.background(patches.mean(1)), background.to(device))
@@ -693,7 +697,7 @@ def pretrain_vision(
     from tqdm import tqdm
 
     tower = model.vision_model
-    probe = ObjectProbe.for_model(model)
+    probe = ObjectProbe.for_model(model, settings.vision_shape_weight)
     params = [*tower.parameters(), *probe.parameters()]
     queries = QueryProbe.for_model(model) if settings.vision_abstractor else None
     if queries is not None:
@@ -827,6 +831,7 @@ class TrainSettings:
     vision_lr: float = 1e-3
     vision_min_objects: int = 1  # objects per picture in the vision stage: this many to four
     vision_abstractor: bool = False  # the vision stage also trains the query tokens and abstractor
+    vision_shape_weight: float = 1.0  # weight of the object probe's shape head in the vision stage
     length_groups: int = 0  # sort this many batches' examples by length, for less padding (0: off)
     easy_steps: int = 0  # synthetic data: a curriculum of simple pictures fading out over 2x these steps
 
@@ -1192,14 +1197,15 @@ TINY_RECIPE = {
     "stage": "all",
     "tokenization": "prompt",
     "augment": "none",
-    "vision_steps": 1400,
+    "vision_steps": 1700,
     "vision_batch_size": 32,
     "vision_lr": 1e-3,
     "vision_min_objects": 2,
     "vision_abstractor": True,
+    "vision_shape_weight": 4.0,
     "object_probe": 0.5,
     "freeze_vision": True,
-    "steps": 2400,
+    "steps": 2100,
     "batch_size": 16,
     "lr": 1e-3,
     "vision_lr_scale": 3.0,
@@ -1267,6 +1273,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
         ("vision-batch-size", int),
         ("vision-lr", float),
         ("vision-min-objects", int),
+        ("vision-shape-weight", float),
         ("easy-steps", int),
         ("length-groups", int),
     ]:

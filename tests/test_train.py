@@ -98,6 +98,26 @@ def test_object_probe_reads_each_object_from_the_patches_under_it():
     assert (labels > 0).sum() == (masks > 0).sum() and labels[63] == 0
 
 
+def test_object_probe_can_weigh_the_shape_head_more():
+    """``shape_weight`` scales the shape head's term alone: the loss grows by exactly the extra
+    weight times that head's cross-entropy (over the seven terms), on the same tokens and heads."""
+    from owl.data.scenes import RenderSettings, Scene, Shape
+
+    scene = Scene(
+        "white",
+        (Shape("circle", "red", "large", 0.5, 0.5, 0.18), Shape("star", "blue", "small", 0.1, 0.1, 0.07)),
+    )
+    layouts = [(scene, RenderSettings(width=200, height=200))]
+    torch.manual_seed(0)
+    tokens = torch.randn(1, 1 + 64, 4)
+    plain, heavy = ObjectProbe(4, grid=8), ObjectProbe(4, grid=8, shape_weight=4.0)
+    heavy.load_state_dict(plain.state_dict())
+    objects = ObjectProbe.masks(scene, layouts[0][1], grid=8) @ tokens[0, 1:]
+    shape_ce = torch.nn.functional.cross_entropy(plain.shape(objects), plain.targets(scene)[0])
+    extra = heavy.loss(tokens, layouts) - plain.loss(tokens, layouts)
+    assert shape_ce > 0.1 and torch.allclose(extra, 3.0 * shape_ce / 7, atol=1e-6)
+
+
 def test_the_vision_stage_trains_the_tower_to_read_objects(tmp_path):
     """150 small steps of the vision stage: held-out objects' colours come out of the pooled tokens."""
     from owl.data.scenes import RenderSettings, Scene, Shape, contrasts, render
