@@ -373,7 +373,8 @@ class ObjectProbe(torch.nn.Module):
         )
 
     def loss(self, tokens: torch.Tensor, layouts) -> torch.Tensor:
-        """Mean loss of the heads; ``tokens`` (N, 1+P, D) holds one picture per layout."""
+        """Mean loss of the heads, the shape head's counted ``shape_weight`` times; ``tokens``
+        (N, 1+P, D) holds one picture per layout."""
         patches = tokens[:, 1:]
         grid = math.isqrt(patches.shape[1])
         weights, owner, kinds, colours, sizes, centres, patch_kinds = [], [], [], [], [], [], []
