@@ -121,9 +121,7 @@ def answer_matches(prediction: str, gold: str) -> bool:
 
 # --- wording helpers ------------------------------------------------------------------------------
 
-_PLURALS = {
-    kind: kind + "es" if kind.endswith(("s", "x", "sh", "ch")) else kind + "s" for kind in SHAPE_KINDS
-}
+PLURALS = {kind: kind + "es" if kind.endswith(("s", "x", "sh", "ch")) else kind + "s" for kind in SHAPE_KINDS}
 _ORDINALS = ("first", "second")
 
 
@@ -346,7 +344,7 @@ def ask_count_shape(rng: random.Random, scene: Scene, ref: Ref) -> Asked | None:
         ("How many {k} are there{where}?", "How many {k} can you see{where}?", "Count the {k}{where}.")
     )
     count = sum(s.kind == kind for s in scene.shapes)
-    return Asked(template.format(k=_PLURALS[kind], where=ref.where), _count_word(count), "count_shape")
+    return Asked(template.format(k=PLURALS[kind], where=ref.where), _count_word(count), "count_shape")
 
 
 def ask_exists(rng: random.Random, scene: Scene, ref: Ref) -> Asked | None:
