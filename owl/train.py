@@ -25,8 +25,9 @@ pretrained parts: a vision stage first (the tower learns each object's shape, co
 size and place, the role CLIP pretraining played for the real tower, and the abstractor learns
 to gather it; then the tower is frozen), and
 training-only probes that ask the tower, the abstractor and the language model's first layer
-what the synthetic world knows they should show, and the last layer to look at the image a
-question is about while it answers. The probes are not part of the exported model.
+what the synthetic world knows they should show, the first layer to look at the objects each
+colour or shape word of a question names, and the last layer to look at the image a question is
+about while it answers. The probes are not part of the exported model.
 """
 
 from __future__ import annotations
@@ -616,27 +617,29 @@ class AttentionProbe(torch.nn.Module):
         attention, hidden, (cos, sin) = captured
         if not asked:
             return hidden.sum() * 0.0
-        width = attention.head_dim
-        losses = []
-        for row, (positions, wanted) in sorted(asked.items()):
-            h = hidden[row : row + 1]
-            q = attention.q_proj(h).view(1, -1, attention.config.num_attention_heads, width).transpose(1, 2)
-            k = attention.k_proj(h).view(1, -1, attention.config.num_key_value_heads, width).transpose(1, 2)
-            c, s = cos[min(row, cos.shape[0] - 1)][None], sin[min(row, sin.shape[0] - 1)][None]
-            q, k = apply_rotary_pos_emb(q, k, c, s)
-            q = q[0, : self.heads, positions].float()  # (heads, P, D)
-            k = k[
-                0, [h // attention.num_key_value_groups for h in range(self.heads)]
-            ].float()  # (heads, L, D)
-            scores = q @ k.transpose(-1, -2) * attention.scaling  # (heads, P, L)
-            keys = torch.arange(k.shape[1], device=hidden.device)
-            visible = keys[None, :] <= torch.tensor(positions, device=hidden.device)[:, None]  # causal
-            scores = scores.masked_fill(~visible, float("-inf"))
-            chosen = visible & wanted.to(hidden.device)
-            losses.append(
-                torch.logsumexp(scores, -1) - torch.logsumexp(scores.masked_fill(~chosen, float("-inf")), -1)
-            )
-        return torch.cat([x.flatten() for x in losses]).mean()
+        batch, length, _ = hidden.shape
+        width, device = attention.head_dim, hidden.device
+        kv_heads = [h // attention.num_key_value_groups for h in range(self.heads)]
+
+        def project(linear, heads):  # only the asked heads' part of a q/k projection
+            rows = torch.cat([torch.arange(h * width, (h + 1) * width) for h in heads]).to(device)
+            bias = linear.bias[rows] if linear.bias is not None else None
+            out = torch.nn.functional.linear(hidden, linear.weight[rows], bias)
+            return out.view(batch, length, len(heads), width).transpose(1, 2)
+
+        q, k = project(attention.q_proj, range(self.heads)), project(attention.k_proj, kv_heads)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        scores = q.float() @ k.float().transpose(-1, -2) * attention.scaling  # (B, heads, L, L)
+        rows = torch.tensor([row for row, (positions, _) in asked.items() for _ in positions], device=device)
+        positions = torch.tensor([p for positions, _ in asked.values() for p in positions], device=device)
+        wanted = torch.cat([mask for _, mask in asked.values()]).to(device)  # (N, L)
+        picked = scores[rows, :, positions]  # (N, heads, L)
+        visible = torch.arange(length, device=device)[None, :] <= positions[:, None]  # causal
+        chosen = (visible & wanted)[:, None, :]
+        picked = picked.masked_fill(~visible[:, None, :], float("-inf"))
+        return (
+            torch.logsumexp(picked, -1) - torch.logsumexp(picked.masked_fill(~chosen, float("-inf")), -1)
+        ).mean()
 
 
 class ReferenceProbe(AttentionProbe):
@@ -1311,7 +1314,7 @@ def _save(
 # The embedded model's recipe (models/owl-tiny): everything from scratch on synthetic scenes, in two
 # stages. The vision stage teaches the tower (with the object probe) and the abstractor beside it
 # (with the query probe) and ends with a checkpoint; then the tower is frozen and the rest trains with
-# the query, order and reference probes, tokens as prompted, in batches of about one length.
+# the query, order, reference and grounding probes, tokens as prompted, in batches of about one length.
 TINY_RECIPE = {
     "config": "owl-tiny",
     "data": "synthetic",
@@ -1326,13 +1329,14 @@ TINY_RECIPE = {
     "vision_shape_weight": 4.0,
     "object_probe": 0.5,
     "freeze_vision": True,
-    "steps": 2100,
+    "steps": 1850,
     "batch_size": 16,
     "lr": 1e-3,
     "vision_lr_scale": 3.0,
     "query_probe": 0.5,
     "order_probe": 0.5,
     "reference_probe": 0.3,
+    "grounding_probe": 0.5,
     "extra_turns": 2,
     "length_groups": 8,
     "easy_steps": 500,
