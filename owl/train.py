@@ -754,24 +754,21 @@ class GroundingProbe(AttentionProbe):
         found = []
         for row, pictures in enumerate(scenes):
             ids = input_ids[row].tolist()
-            starts = [
-                p
-                for p in range(len(ids))
-                if ids[p] == IMAGE_TOKEN_ID and (p == 0 or ids[p - 1] != IMAGE_TOKEN_ID)
-            ]
+            slots = [p for p, token in enumerate(ids) if token == IMAGE_TOKEN_ID]
+            starts = slots[:: self.per_image]  # each picture's first vector
             for position, token in enumerate(ids):
                 if token not in self.words or labels[row, position] != IGNORE:
                     continue
                 field, name = self.words[token]
-                slots = [
+                named = [
                     start + query_cell(shape, self.grid)
                     for start, scene in zip(starts, pictures, strict=False)
                     if start < position
                     for shape in scene.shapes
                     if getattr(shape, field) == name
                 ]
-                if slots:
-                    found.append((row, position, sorted(set(slots))))
+                if named:
+                    found.append((row, position, sorted(set(named))))
         return found
 
     def loss(self, captured: tuple, input_ids: torch.Tensor, labels: torch.Tensor, scenes) -> torch.Tensor:

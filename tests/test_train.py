@@ -392,6 +392,11 @@ def test_grounding_probe_asks_each_object_word_about_the_objects_it_names():
         (0, 16, [4, 10]),  # the red circle, and the red star of the second picture
         (0, 18, [3, 10]),  # both stars; "green" names nothing and is not asked
     ]
+    adjacent = torch.tensor([[4, *[s] * 10, star, red]])  # two pictures with nothing between them
+    assert probe.targets(adjacent, torch.full_like(adjacent, IGNORE), [[first, second]]) == [
+        (0, 11, [2, 6]),
+        (0, 12, [3, 6]),
+    ]
 
 
 def test_grounding_probe_teaches_the_first_layer_to_find_the_named_object():
