@@ -607,11 +607,9 @@ class AttentionProbe(torch.nn.Module):
         hidden = args[0] if args else kwargs["hidden_states"]
         return module, hidden, kwargs["position_embeddings"]
 
-    def attention_loss(
-        self, captured: tuple, asked: dict[int, tuple[list[int], torch.Tensor]]
-    ) -> torch.Tensor:
-        """``asked``: per row, its query positions and a (P, L) boolean mask of the keys each of them
-        should look at. Returns the mean over rows, positions and heads."""
+    def attention_loss(self, captured: tuple, asked: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+        """``asked``: (row, position, (L,) boolean mask of the keys that position should look at).
+        Returns the mean over the asked positions and heads."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         attention, hidden, (cos, sin) = captured
@@ -630,9 +628,9 @@ class AttentionProbe(torch.nn.Module):
         q, k = project(attention.q_proj, range(self.heads)), project(attention.k_proj, kv_heads)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         scores = q.float() @ k.float().transpose(-1, -2) * attention.scaling  # (B, heads, L, L)
-        rows = torch.tensor([row for row, (positions, _) in asked.items() for _ in positions], device=device)
-        positions = torch.tensor([p for positions, _ in asked.values() for p in positions], device=device)
-        wanted = torch.cat([mask for _, mask in asked.values()]).to(device)  # (N, L)
+        rows = torch.tensor([row for row, _, _ in asked], device=device)
+        positions = torch.tensor([position for _, position, _ in asked], device=device)
+        wanted = torch.stack([mask for _, _, mask in asked]).to(device)  # (N, L)
         picked = scores[rows, :, positions]  # (N, heads, L)
         visible = torch.arange(length, device=device)[None, :] <= positions[:, None]  # causal
         chosen = (visible & wanted)[:, None, :]
@@ -690,14 +688,10 @@ class ReferenceProbe(AttentionProbe):
     ) -> torch.Tensor:
         slots = input_ids == IMAGE_TOKEN_ID
         image_of = image_numbers(input_ids, self.per_image)
-        found = collections.defaultdict(list)
-        for row, position, image in self.targets(input_ids, labels, references):
-            found[row].append((position, image))
-        asked = {}
-        for row, pairs in found.items():
-            images = torch.tensor([image for _, image in pairs])
-            wanted = slots[row][None, :] & (image_of[row][None, :] == images[:, None])
-            asked[row] = ([position for position, _ in pairs], wanted)
+        asked = [
+            (row, position, slots[row] & (image_of[row] == image))
+            for row, position, image in self.targets(input_ids, labels, references)
+        ]
         return self.attention_loss(captured, asked)
 
 
@@ -753,11 +747,11 @@ class GroundingProbe(AttentionProbe):
         objects are in the pictures before it. ``scenes``: per row, the scene of each image in order."""
         found = []
         for row, pictures in enumerate(scenes):
-            ids = input_ids[row].tolist()
+            ids, answers = input_ids[row].tolist(), labels[row].tolist()
             slots = [p for p, token in enumerate(ids) if token == IMAGE_TOKEN_ID]
             starts = slots[:: self.per_image]  # each picture's first vector
             for position, token in enumerate(ids):
-                if token not in self.words or labels[row, position] != IGNORE:
+                if token not in self.words or answers[position] != IGNORE:
                     continue
                 field, name = self.words[token]
                 named = [
@@ -772,15 +766,11 @@ class GroundingProbe(AttentionProbe):
         return found
 
     def loss(self, captured: tuple, input_ids: torch.Tensor, labels: torch.Tensor, scenes) -> torch.Tensor:
-        found = collections.defaultdict(list)
-        for row, position, slots in self.targets(input_ids, labels, scenes):
-            found[row].append((position, slots))
-        asked = {}
-        for row, pairs in found.items():
-            wanted = torch.zeros(len(pairs), input_ids.shape[1], dtype=torch.bool)
-            for i, (_, slots) in enumerate(pairs):
-                wanted[i, slots] = True
-            asked[row] = ([position for position, _ in pairs], wanted)
+        asked = []
+        for row, position, named in self.targets(input_ids, labels, scenes):
+            wanted = torch.zeros(input_ids.shape[1], dtype=torch.bool)
+            wanted[named] = True
+            asked.append((row, position, wanted))
         return self.attention_loss(captured, asked)
 
 
