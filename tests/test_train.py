@@ -433,6 +433,159 @@ def test_grounding_probe_teaches_the_first_layer_to_find_the_named_object():
     assert loss.item() < -math.log(0.9)  # at least 90 % of those heads' attention on the named object
 
 
+def test_summary_probe_asks_each_pictures_last_vector_about_the_whole_picture():
+    from owl.train import SummaryProbe
+
+    probe = SummaryProbe(8, per_image=3)
+    first, second = grounding_scenes()
+    s = IMAGE_TOKEN_ID
+    ids = torch.tensor([[4, s, s, s, 7, s, s, s, 8], [4, s, s, s, 7, 8, 9, 9, 9]])
+    found = probe.targets(ids, [[first, second], [second]])
+    assert [(row, end) for row, end, _ in found] == [(0, 3), (0, 7), (1, 3)]
+    assert [scene for _, _, scene in found] == [first, second, second]
+
+
+def test_summary_probe_teaches_a_pictures_last_vector_what_the_picture_holds():
+    """Two rows alike but for their pictures (two objects, then one); trained through the probe
+    alone, the first two layers bring each picture's count and shapes to its last vector, whose
+    input is the same learned vector in both."""
+    from owl.train import SummaryProbe
+
+    torch.manual_seed(0)
+    model = make_tiny()
+    per_image = model.config.num_image_tokens
+    probe = SummaryProbe.for_model(model)
+    first, second = grounding_scenes()
+    ids = torch.tensor([[5, 6, *[IMAGE_TOKEN_ID] * per_image, 7]] * 2)
+    size = model.config.vision.image_size
+    pixels = torch.randn(2, 3, size, size)
+    layers = model.language_model.get_decoder().layers
+    assert SummaryProbe.part(model) is layers[1]
+    captured = []
+    hook = SummaryProbe.part(model).register_forward_hook(lambda module, args, out: captured.append(out))
+    optimizer = torch.optim.Adam([*layers.parameters(), *probe.parameters()], lr=3e-3)
+    for _ in range(150):
+        captured.clear()
+        model(ids, pixels)
+        loss = probe.loss(captured[0], ids, [[first], [second]])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    captured.clear()
+    with torch.no_grad():
+        model(ids, pixels)
+    hook.remove()
+    end = captured[0][:, 2 + per_image - 1]
+    assert (probe.count(end).argmax(-1) + 1).tolist() == [2, 1]
+    shapes = [[probe.kinds[i] for i in (row > 0).nonzero().flatten()] for row in probe.shapes(end)]
+    assert shapes == [["circle", "star"], ["star"]]
+
+
+def test_answer_probe_asks_each_answer_word_about_what_it_describes_in_the_turns_picture():
+    from owl.train import AnswerProbe
+
+    red, star, circle, blue = 50, 51, 52, 53
+    words = {
+        red: ("colour", "red"),
+        star: ("kind", "star"),
+        circle: ("kind", "circle"),
+        blue: ("colour", "blue"),
+    }
+    probe = AnswerProbe(per_image=5, grid=2, words=words)
+    first, second = grounding_scenes()  # cells (2x2): blue star 1, red circle 2; red star 0
+    s = IMAGE_TOKEN_ID
+    # picture, question, answer "red circle blue star", picture, question, answer "star red",
+    # a comparison answered "star"
+    ids = torch.tensor(
+        [[4, *[s] * 5, 7, 8, red, circle, blue, star, 2, *[s] * 5, 9, star, red, 2, 7, star, 2]]
+    )
+    labels = torch.full_like(ids, IGNORE)
+    for p in (*range(8, 13), 19, 20, 21, 23, 24):
+        labels[0, p] = ids[0, p]
+    found = probe.targets(ids, labels, [[first, second]], [[0, 1, None]])
+    assert found == [
+        (0, 7, [1 + 2]),  # "red" in the first picture: its red circle
+        (0, 8, [1 + 2]),  # "circle" after "red": the red circle
+        (0, 9, [1 + 1]),  # "blue": the blue star
+        (0, 10, [1 + 1]),  # "star" after "blue": the blue star, not the second picture's star
+        (0, 18, [13 + 0]),  # the second turn is about the second picture: its red star
+        (0, 19, [13 + 0]),
+    ]
+
+
+def test_answer_probe_asks_two_heads_beside_the_reference_probes():
+    from owl.train import AnswerProbe, ReferenceProbe
+
+    model = make_tiny()
+    assert AnswerProbe.part(model) is ReferenceProbe.part(model)
+    asked = set(range(AnswerProbe.first_head, AnswerProbe.first_head + AnswerProbe.heads))
+    assert not asked & set(range(ReferenceProbe.first_head, ReferenceProbe.first_head + ReferenceProbe.heads))
+    assert max(asked) < model.config.text["num_attention_heads"]
+
+
+def test_binding_probe_asks_only_words_that_name_one_object():
+    from owl.train import BindingProbe
+
+    red, star, circle = 50, 51, 52
+    words = {red: ("colour", "red"), star: ("kind", "star"), circle: ("kind", "circle")}
+    probe = BindingProbe(8, per_image=5, words=words)
+    first, second = grounding_scenes()  # blue star, red circle; then a red star
+    s = IMAGE_TOKEN_ID
+    ids = torch.tensor(
+        [[4, circle, s, s, s, s, s, 7, star, circle, 8, s, s, s, s, s, 9, red, star, circle, 10, circle]]
+    )
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 21] = circle  # an answer word: not asked
+    found = [
+        (row, position, (shape.colour, shape.kind))
+        for row, position, shape in probe.targets(ids, labels, [[first, second]])
+    ]
+    assert found == [
+        (0, 8, ("blue", "star")),  # the only star before the second picture
+        (0, 9, ("red", "circle")),
+        (0, 19, ("red", "circle")),  # "red" and "star" name two objects each by now: not asked
+    ]
+
+
+def test_binding_probe_teaches_the_first_layer_to_bring_the_named_object_to_its_word():
+    """Two rows alike but for their pictures; trained through the probe alone, the first layer
+    carries each row's star (its colour and place) to the word "star"."""
+    from owl.data.scenes import Scene, Shape
+    from owl.train import BindingProbe
+
+    torch.manual_seed(0)
+    model = make_tiny()
+    per_image, star = model.config.num_image_tokens, 20
+    probe = BindingProbe(model.config.text_hidden_size, per_image, {star: ("kind", "star")})
+    scenes = [
+        [Scene("white", (Shape("star", "blue", "small", 0.2, 0.3, 0.07),))],
+        [Scene("white", (Shape("star", "red", "large", 0.8, 0.75, 0.15),))],
+    ]
+    ids = torch.tensor([[5, 6, *[IMAGE_TOKEN_ID] * per_image, 7, star, 8]] * 2)
+    labels = torch.full_like(ids, IGNORE)
+    size = model.config.vision.image_size
+    pixels = torch.randn(2, 3, size, size)
+    first_layer = BindingProbe.part(model)
+    assert first_layer is model.language_model.get_decoder().layers[0]
+    captured = []
+    hook = first_layer.register_forward_hook(lambda module, args, out: captured.append(out))
+    optimizer = torch.optim.Adam([*first_layer.parameters(), *probe.parameters()], lr=3e-3)
+    for _ in range(150):
+        captured.clear()
+        model(ids, pixels)
+        loss = probe.loss(captured[0], ids, labels, scenes)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    captured.clear()
+    with torch.no_grad():
+        model(ids, pixels)
+    hook.remove()
+    word = captured[0][:, per_image + 3]
+    assert [probe.colours[i] for i in probe.colour(word).argmax(-1)] == ["blue", "red"]
+    assert torch.allclose(probe.position(word), torch.tensor([[0.2, 0.3], [0.8, 0.75]]), atol=0.1)
+
+
 def test_length_groups_batch_examples_of_about_one_length_and_use_each_once():
     """Each pool's examples come out once, in batches sorted by length (less padding than taking
     them in order), and batch ``u`` is the same whenever it is asked for, as on a resumed run."""
@@ -465,9 +618,20 @@ def test_the_tiny_recipe_runs_its_stages_and_resumes(tmp_path):
     small = ["--config", "tiny", "--batch-size", "2", "--vision-batch-size", "4", "--vision-steps", "3"]
     small += ["--easy-steps", "1", "--eval-every", "100", "--save-every", "2", "--threads", "1"]
     train(parse_args(["--recipe", "tiny", "--out", str(out), *small, "--steps", "2"]))
-    train(parse_args(["--recipe", "tiny", "--out", str(out / "vision"), *small, "--steps", "0"]))
-    assert torch.load(out / "vision" / "training_state.pt", weights_only=True)["step"] == 0
-    train(parse_args(["--recipe", "tiny", "--out", str(out / "vision"), *small, "--steps", "1", "--resume"]))
+    train(
+        parse_args(
+            ["--recipe", "tiny", "--out", str(out / "vision"), *small, "--steps", "0", "--binding-probe", "0"]
+        )
+    )
+    saved = torch.load(out / "vision" / "training_state.pt", weights_only=True)
+    assert saved["step"] == 0 and not any(k.startswith("binding.") for k in saved["probes"])
+    # a probe turned on when resuming starts afresh beside the saved ones
+    resumed = ["--steps", "1", "--resume", "--binding-probe", "0.5"]
+    train(parse_args(["--recipe", "tiny", "--out", str(out / "vision"), *small, *resumed]))
+    assert any(
+        k.startswith("binding.")
+        for k in torch.load(out / "vision" / "training_state.pt", weights_only=True)["probes"]
+    )
     after_two = load_file(out / "latest" / "model.safetensors")
     state = torch.load(out / "training_state.pt", weights_only=True)
     assert state["step"] == 2
