@@ -720,6 +720,32 @@ def object_words(tokenizer, capitalised: bool = False) -> dict[int, tuple[str, s
     return words
 
 
+class ObjectAttentionProbe(AttentionProbe):
+    """An attention probe whose positions are asked to look at objects: at the image vectors of
+    their cells' queries. ``words`` (:func:`object_words`) are the words that name objects."""
+
+    answer_words = False  # the words as they begin an answer ("Red.") count too
+
+    def __init__(self, per_image: int, grid: int, words: dict[int, tuple[str, str]]):
+        super().__init__()
+        self.per_image, self.grid, self.words = per_image, grid, words
+
+    @classmethod
+    def for_model(cls, model, tokenizer) -> ObjectAttentionProbe:
+        words = object_words(tokenizer, capitalised=cls.answer_words)
+        return cls(model.config.num_image_tokens, math.isqrt(model.config.num_query_tokens), words)
+
+    def objects_loss(self, captured: tuple, length: int, targets) -> torch.Tensor:
+        """:meth:`attention_loss` for ``targets`` (row, position, image-vector positions) in rows
+        of ``length`` tokens."""
+        asked = []
+        for row, position, named in targets:
+            wanted = torch.zeros(length, dtype=torch.bool)
+            wanted[named] = True
+            asked.append((row, position, wanted))
+        return self.attention_loss(captured, asked)
+
+
 def named_objects(input_ids: torch.Tensor, labels: torch.Tensor, scenes, words, per_image: int):
     """(row, position, [(first image-vector position of its picture, shape), ...]) for each object
     word of ``words`` (:func:`object_words`) outside the answers, with the objects it names in the
@@ -746,7 +772,7 @@ def named_objects(input_ids: torch.Tensor, labels: torch.Tensor, scenes, words, 
     return found
 
 
-class GroundingProbe(AttentionProbe):
+class GroundingProbe(ObjectAttentionProbe):
     """In the first decoder layer, at every colour or shape word of a question ("star", "red",
     "triangles"), the first heads are asked to attend to the image vectors of the objects that word
     names (the query of each object's cell) in the pictures shown so far; a word naming nothing
@@ -762,16 +788,6 @@ class GroundingProbe(AttentionProbe):
 
     layer = 0
 
-    def __init__(self, per_image: int, grid: int, words: dict[int, tuple[str, str]]):
-        super().__init__()
-        self.per_image, self.grid, self.words = per_image, grid, words
-
-    @classmethod
-    def for_model(cls, model, tokenizer) -> GroundingProbe:
-        return cls(
-            model.config.num_image_tokens, math.isqrt(model.config.num_query_tokens), object_words(tokenizer)
-        )
-
     def targets(
         self, input_ids: torch.Tensor, labels: torch.Tensor, scenes
     ) -> list[tuple[int, int, list[int]]]:
@@ -783,12 +799,14 @@ class GroundingProbe(AttentionProbe):
         ]
 
     def loss(self, captured: tuple, input_ids: torch.Tensor, labels: torch.Tensor, scenes) -> torch.Tensor:
-        asked = []
-        for row, position, named in self.targets(input_ids, labels, scenes):
-            wanted = torch.zeros(input_ids.shape[1], dtype=torch.bool)
-            wanted[named] = True
-            asked.append((row, position, wanted))
-        return self.attention_loss(captured, asked)
+        return self.objects_loss(captured, input_ids.shape[1], self.targets(input_ids, labels, scenes))
+
+
+def picked(hidden: torch.Tensor, found: list[tuple[int, int, object]]) -> tuple[torch.Tensor, list]:
+    """The hidden states (in float32) at each (row, position, item) of ``found``, and the items."""
+    rows = torch.tensor([row for row, _, _ in found], device=hidden.device)
+    positions = torch.tensor([position for _, position, _ in found], device=hidden.device)
+    return hidden[rows, positions].float(), [item for _, _, item in found]
 
 
 class SummaryProbe(torch.nn.Module):
@@ -839,10 +857,7 @@ class SummaryProbe(torch.nn.Module):
         if not found:
             return hidden.sum() * 0.0
         device = hidden.device
-        rows = torch.tensor([row for row, _, _ in found], device=device)
-        ends = torch.tensor([end for _, end, _ in found], device=device)
-        summaries = hidden[rows, ends].float()
-        scenes = [scene for _, _, scene in found]
+        summaries, scenes = picked(hidden, found)
         counts = torch.tensor([len(scene.shapes) - 1 for scene in scenes], device=device)
 
         def present(table, field):
@@ -862,7 +877,7 @@ class SummaryProbe(torch.nn.Module):
         ) / 3
 
 
-class AnswerProbe(AttentionProbe):
+class AnswerProbe(ObjectAttentionProbe):
     """In the last decoder layer, at every position that predicts a colour or shape word of an
     answer, two heads (beside the :class:`ReferenceProbe`'s) are asked to attend to the objects of
     the turn's picture that the word names; a shape word right after a colour word ("a red star")
@@ -876,18 +891,7 @@ class AnswerProbe(AttentionProbe):
 
     layer = -1
     first_head = 2
-
-    def __init__(self, per_image: int, grid: int, words: dict[int, tuple[str, str]]):
-        super().__init__()
-        self.per_image, self.grid, self.words = per_image, grid, words
-
-    @classmethod
-    def for_model(cls, model, tokenizer) -> AnswerProbe:
-        return cls(
-            model.config.num_image_tokens,
-            math.isqrt(model.config.num_query_tokens),
-            object_words(tokenizer, capitalised=True),
-        )
+    answer_words = True
 
     def targets(
         self, input_ids: torch.Tensor, labels: torch.Tensor, scenes, references
@@ -926,12 +930,8 @@ class AnswerProbe(AttentionProbe):
     def loss(
         self, captured: tuple, input_ids: torch.Tensor, labels: torch.Tensor, scenes, references
     ) -> torch.Tensor:
-        asked = []
-        for row, position, named in self.targets(input_ids, labels, scenes, references):
-            wanted = torch.zeros(input_ids.shape[1], dtype=torch.bool)
-            wanted[named] = True
-            asked.append((row, position, wanted))
-        return self.attention_loss(captured, asked)
+        targets = self.targets(input_ids, labels, scenes, references)
+        return self.objects_loss(captured, input_ids.shape[1], targets)
 
 
 class BindingProbe(torch.nn.Module):
@@ -988,10 +988,7 @@ class BindingProbe(torch.nn.Module):
         if not found:
             return hidden.sum() * 0.0
         device = hidden.device
-        rows = torch.tensor([row for row, _, _ in found], device=device)
-        positions = torch.tensor([position for _, position, _ in found], device=device)
-        words = hidden[rows, positions].float()
-        shapes = [shape for _, _, shape in found]
+        words, shapes = picked(hidden, found)
 
         def classes(table, field):
             return torch.tensor([table.index(getattr(shape, field)) for shape in shapes], device=device)

@@ -236,6 +236,27 @@ def test_order_probe_numbers_each_image_slot_by_its_image_in_its_row():
     assert labels.tolist() == [[n, 0, 0, n, n, 1, 1, n], [n, n, 0, 0, n, n, n, n]]
 
 
+def train_through(model, part, params, loss_of, ids, pixels, steps: int = 150) -> torch.Tensor:
+    """Trains ``params`` through ``loss_of(output of part)`` alone; returns ``part``'s output after."""
+    captured = []
+    hook = part.register_forward_hook(lambda module, args, out: captured.append(out))
+    optimizer = torch.optim.Adam(params, lr=3e-3)
+    try:
+        for _ in range(steps):
+            captured.clear()
+            model(ids, pixels)
+            loss = loss_of(captured[0])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        captured.clear()
+        with torch.no_grad():
+            model(ids, pixels)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
 def test_order_probe_trains_the_first_layer_to_know_which_image_a_vector_is_from():
     """Through the probe alone, the first decoder layer learns to tell the second of two identical
     pictures from the first (only what comes before them differs)."""
@@ -247,21 +268,9 @@ def test_order_probe_trains_the_first_layer_to_know_which_image_a_vector_is_from
     ids = torch.tensor([row, row])
     pixels = torch.zeros(4, 3, model.config.vision.image_size, model.config.vision.image_size)
     first_layer = OrderProbe.part(model)
-    captured = []
-    hook = first_layer.register_forward_hook(lambda module, args, out: captured.append(out))
-    optimizer = torch.optim.Adam([*first_layer.parameters(), *probe.parameters()], lr=3e-3)
-    for _ in range(150):
-        captured.clear()
-        model(ids, pixels)
-        loss = probe.loss(captured[0], ids)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    captured.clear()
-    with torch.no_grad():
-        model(ids, pixels)
-    hook.remove()
-    guess = probe.index(captured[0][0]).argmax(-1)
+    params = [*first_layer.parameters(), *probe.parameters()]
+    hidden = train_through(model, first_layer, params, lambda out: probe.loss(out, ids), ids, pixels)
+    guess = probe.index(hidden[0]).argmax(-1)
     slots = ids[0] == IMAGE_TOKEN_ID
     assert guess[slots].tolist() == [0] * per_image + [1] * per_image
 
@@ -461,21 +470,11 @@ def test_summary_probe_teaches_a_pictures_last_vector_what_the_picture_holds():
     pixels = torch.randn(2, 3, size, size)
     layers = model.language_model.get_decoder().layers
     assert SummaryProbe.part(model) is layers[1]
-    captured = []
-    hook = SummaryProbe.part(model).register_forward_hook(lambda module, args, out: captured.append(out))
-    optimizer = torch.optim.Adam([*layers.parameters(), *probe.parameters()], lr=3e-3)
-    for _ in range(150):
-        captured.clear()
-        model(ids, pixels)
-        loss = probe.loss(captured[0], ids, [[first], [second]])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    captured.clear()
-    with torch.no_grad():
-        model(ids, pixels)
-    hook.remove()
-    end = captured[0][:, 2 + per_image - 1]
+    params = [*layers.parameters(), *probe.parameters()]
+    hidden = train_through(
+        model, layers[1], params, lambda out: probe.loss(out, ids, [[first], [second]]), ids, pixels
+    )
+    end = hidden[:, 2 + per_image - 1]
     assert (probe.count(end).argmax(-1) + 1).tolist() == [2, 1]
     shapes = [[probe.kinds[i] for i in (row > 0).nonzero().flatten()] for row in probe.shapes(end)]
     assert shapes == [["circle", "star"], ["star"]]
@@ -567,21 +566,11 @@ def test_binding_probe_teaches_the_first_layer_to_bring_the_named_object_to_its_
     pixels = torch.randn(2, 3, size, size)
     first_layer = BindingProbe.part(model)
     assert first_layer is model.language_model.get_decoder().layers[0]
-    captured = []
-    hook = first_layer.register_forward_hook(lambda module, args, out: captured.append(out))
-    optimizer = torch.optim.Adam([*first_layer.parameters(), *probe.parameters()], lr=3e-3)
-    for _ in range(150):
-        captured.clear()
-        model(ids, pixels)
-        loss = probe.loss(captured[0], ids, labels, scenes)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    captured.clear()
-    with torch.no_grad():
-        model(ids, pixels)
-    hook.remove()
-    word = captured[0][:, per_image + 3]
+    params = [*first_layer.parameters(), *probe.parameters()]
+    hidden = train_through(
+        model, first_layer, params, lambda out: probe.loss(out, ids, labels, scenes), ids, pixels
+    )
+    word = hidden[:, per_image + 3]
     assert [probe.colours[i] for i in probe.colour(word).argmax(-1)] == ["blue", "red"]
     assert torch.allclose(probe.position(word), torch.tensor([[0.2, 0.3], [0.8, 0.75]]), atol=0.1)
 
