@@ -543,7 +543,34 @@ def image_numbers(input_ids: torch.Tensor, per_image: int) -> torch.Tensor:
     return ((input_ids == IMAGE_TOKEN_ID).long().cumsum(1) - 1).clamp(min=0) // per_image
 
 
-class OrderProbe(torch.nn.Module):
+def picture_starts(ids: list[int], per_image: int) -> list[int]:
+    """The position of each picture's first image vector in a row of token ids."""
+    return [p for p, token in enumerate(ids) if token == IMAGE_TOKEN_ID][::per_image]
+
+
+def answer_spans(labels: torch.Tensor) -> list[range]:
+    """The positions of each answer (a run of labelled tokens) in a row of labels, in order."""
+    spans = []
+    for position, labelled in enumerate((labels != IGNORE).tolist()):
+        if labelled and spans and spans[-1].stop == position:
+            spans[-1] = range(spans[-1].start, position + 1)
+        elif labelled:
+            spans.append(range(position, position + 1))
+    return spans
+
+
+class LayerOutputProbe(torch.nn.Module):
+    """Training-only heads on the output of one decoder layer (``layer``)."""
+
+    layer = 0
+
+    @classmethod
+    def part(cls, model) -> torch.nn.Module:
+        """The decoder layer to hook (Llama- and BLOOM-style language models)."""
+        return decoder_layers(model)[cls.layer]
+
+
+class OrderProbe(LayerOutputProbe):
     """A training-only head on the language model's first layer: which image of the conversation
     (first, second, ...) each image vector belongs to.
 
@@ -567,11 +594,6 @@ class OrderProbe(torch.nn.Module):
     @classmethod
     def for_model(cls, model) -> OrderProbe:
         return cls(model.config.text_hidden_size, model.config.num_image_tokens).to(model.device)
-
-    @staticmethod
-    def part(model) -> torch.nn.Module:
-        """The decoder layer to hook (Llama- and BLOOM-style language models)."""
-        return decoder_layers(model)[OrderProbe.layer]
 
     def labels(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, L): each image slot's image number in its row (0 for the first), IGNORE for text."""
@@ -674,17 +696,12 @@ class ReferenceProbe(AttentionProbe):
         image each turn is about (None: a comparison), in the order of the answers."""
         found = []
         for row, turns in enumerate(references):
-            answer = (labels[row] != IGNORE).tolist()
             images = (input_ids[row] == IMAGE_TOKEN_ID).long().cumsum(0) // self.per_image
-            starts = [p for p in range(len(answer)) if answer[p] and (p == 0 or not answer[p - 1])]
-            for turn, start in enumerate(starts):
+            for turn, span in enumerate(answer_spans(labels[row])):
                 image = turns[turn] if turn < len(turns) else None
-                if image is None or int(images[start]) < 2:
+                if image is None or int(images[span.start]) < 2:
                     continue
-                end = start
-                while end < len(answer) and answer[end]:
-                    end += 1
-                found += [(row, p - 1, image) for p in range(start, end)]
+                found += [(row, p - 1, image) for p in span]
         return found
 
     def loss(
@@ -754,8 +771,7 @@ def named_objects(input_ids: torch.Tensor, labels: torch.Tensor, scenes, words, 
     found = []
     for row, pictures in enumerate(scenes):
         ids, answers = input_ids[row].tolist(), labels[row].tolist()
-        slots = [p for p, token in enumerate(ids) if token == IMAGE_TOKEN_ID]
-        starts = slots[::per_image]  # each picture's first vector
+        starts = picture_starts(ids, per_image)
         for position, token in enumerate(ids):
             if token not in words or answers[position] != IGNORE:
                 continue
@@ -809,7 +825,7 @@ def picked(hidden: torch.Tensor, found: list[tuple[int, int, object]]) -> tuple[
     return hidden[rows, positions].float(), [item for _, _, item in found]
 
 
-class SummaryProbe(torch.nn.Module):
+class SummaryProbe(LayerOutputProbe):
     """Training-only heads on the second decoder layer's output at each picture's last image vector
     (the abstractor's learned end vector): how many objects the picture holds, and which shapes and
     which colours are in it.
@@ -836,11 +852,6 @@ class SummaryProbe(torch.nn.Module):
     @classmethod
     def for_model(cls, model) -> SummaryProbe:
         return cls(model.config.text_hidden_size, model.config.num_image_tokens).to(model.device)
-
-    @classmethod
-    def part(cls, model) -> torch.nn.Module:
-        """The decoder layer whose output is asked."""
-        return decoder_layers(model)[cls.layer]
 
     def targets(self, input_ids: torch.Tensor, scenes) -> list[tuple[int, int, object]]:
         """(row, position of a picture's last image vector, its scene) for each picture shown."""
@@ -902,15 +913,13 @@ class AnswerProbe(ObjectAttentionProbe):
         a comparison)."""
         found = []
         for row, (pictures, turns) in enumerate(zip(scenes, references, strict=True)):
-            ids, answer = input_ids[row].tolist(), (labels[row] != IGNORE).tolist()
-            starts = [p for p, token in enumerate(ids) if token == IMAGE_TOKEN_ID][:: self.per_image]
-            spans = [p for p in range(len(answer)) if answer[p] and (p == 0 or not answer[p - 1])]
-            for turn, span in enumerate(spans):
+            ids = input_ids[row].tolist()
+            starts = picture_starts(ids, self.per_image)
+            for turn, span in enumerate(answer_spans(labels[row])):
                 image = turns[turn] if turn < len(turns) else None
                 if image is None or image >= min(len(pictures), len(starts)):
                     continue
-                position = span
-                while position < len(answer) and answer[position]:
+                for position in span:
                     word = self.words.get(ids[position])
                     if word is not None and position > 0:
                         wanted = {word[0]: word[1]}
@@ -924,7 +933,6 @@ class AnswerProbe(ObjectAttentionProbe):
                         ]
                         if named:
                             found.append((row, position - 1, sorted(set(named))))
-                    position += 1
         return found
 
     def loss(
@@ -934,7 +942,7 @@ class AnswerProbe(ObjectAttentionProbe):
         return self.objects_loss(captured, input_ids.shape[1], targets)
 
 
-class BindingProbe(torch.nn.Module):
+class BindingProbe(LayerOutputProbe):
     """Training-only heads on the first decoder layer's output at every colour or shape word of a
     question that names exactly one object in the pictures shown so far: that object's colour,
     shape, size and place.
@@ -965,11 +973,6 @@ class BindingProbe(torch.nn.Module):
         return cls(model.config.text_hidden_size, model.config.num_image_tokens, object_words(tokenizer)).to(
             model.device
         )
-
-    @classmethod
-    def part(cls, model) -> torch.nn.Module:
-        """The decoder layer whose output is asked."""
-        return decoder_layers(model)[cls.layer]
 
     def targets(self, input_ids: torch.Tensor, labels: torch.Tensor, scenes) -> list[tuple[int, int, object]]:
         """(row, position, shape) for each object word outside the answers that names exactly one
@@ -1451,21 +1454,16 @@ def _loss_with_probes(model, probes, batch: Batch, drawn, settings: TrainSetting
             hook.remove()
     if not layouts:
         return loss
+    references = [turns for _, turns in drawn]  # per row, the image each turn is about
     asked = {  # name: (weight, what the probe's loss reads besides its captured outputs)
         "object": (settings.object_probe, (layouts,)),
         "query": (settings.query_probe, (layouts,)),
         "order": (settings.order_probe, (batch.input_ids,)),
-        "reference": (
-            settings.reference_probe,
-            (batch.input_ids, batch.labels, [turns for _, turns in drawn]),
-        ),
+        "reference": (settings.reference_probe, (batch.input_ids, batch.labels, references)),
         "grounding": (settings.grounding_probe, (batch.input_ids, batch.labels, pictures)),
         "binding": (settings.binding_probe, (batch.input_ids, batch.labels, pictures)),
         "summary": (settings.summary_probe, (batch.input_ids, pictures)),
-        "answer": (
-            settings.answer_probe,
-            (batch.input_ids, batch.labels, pictures, [turns for _, turns in drawn]),
-        ),
+        "answer": (settings.answer_probe, (batch.input_ids, batch.labels, pictures, references)),
     }
     for name, outputs in captured.items():
         weight, given = asked[name]
