@@ -305,6 +305,24 @@ def test_each_turn_names_the_image_it_is_about() -> None:
     assert seen["which", 0] and seen["which", 1] and seen["followup", 1] and seen["same", None]
 
 
+def test_pair_turns_add_balanced_comparisons_after_the_same_beginning() -> None:
+    """With ``pair_turns`` the extra turns of two-image conversations compare the images more often,
+    only in ways whose answers stay balanced; what comes before the extra turns is unchanged."""
+    plain, paired = collections.Counter(), collections.Counter()
+    for seed in range(1000):
+        base = dialogues.random_dialogue(random.Random(seed))
+        d = dialogues.random_dialogue(random.Random(seed), extra_turns=2)
+        p = dialogues.random_dialogue(random.Random(seed), extra_turns=2, pair_turns=1.0)
+        assert p.turns[: len(base.turns)] == base.turns and p.scenes == base.scenes
+        plain.update((t.kind, t.answer) for t in d.turns[len(base.turns) :])
+        paired.update((t.kind, t.answer) for t in p.turns[len(base.turns) :])
+    for kind in dialogues.BALANCED_PAIRS:
+        first, second = paired[kind, "The first image."], paired[kind, "The second image."]
+        assert first + second >= 3 * (plain[kind, "The first image."] + plain[kind, "The second image."])
+        assert 0.4 < first / (first + second) < 0.6
+    assert not any(kind in ("same_count", "same_shapes") for kind, _ in paired)
+
+
 # --- template -------------------------------------------------------------------------------------
 
 

@@ -522,6 +522,67 @@ def test_answer_probe_asks_two_heads_beside_the_reference_probes():
     assert max(asked) < model.config.text["num_attention_heads"]
 
 
+def test_comparison_probe_asks_two_heads_to_read_both_pictures_at_a_comparisons_answer():
+    from owl.train import ComparisonProbe
+
+    red, star, circle = 50, 51, 52
+    words = {red: ("colour", "red"), star: ("kind", "star"), circle: ("kind", "circle")}
+    probe = ComparisonProbe(per_image=5, grid=2, words=words)
+    first, second = grounding_scenes()  # cells (2x2): blue star 1, red circle 2; red star 0
+    s = IMAGE_TOKEN_ID
+    # two pictures, "same count?" answered at 13-14; "which has a red star?" at 19-20; a question
+    # about the first picture ("red?") at 23-24
+    ids = torch.tensor([[4, *[s] * 5, *[s] * 5, 7, 8, 9, 2, 7, red, star, 8, 9, 2, 7, red, 9, 2]])
+    labels = torch.full_like(ids, IGNORE)
+    for p in (13, 14, 19, 20, 23, 24):
+        labels[0, p] = ids[0, p]
+    kinds = [["same_count", "which_image", "colour"]]
+    found = probe.targets(ids, labels, [[first, second]], kinds)
+    assert found == [
+        (0, 12, [[5], [10]]),  # each head on one picture's last vector
+        (0, 13, [[5], [10]]),
+        (0, 18, [[6 + 0], [6 + 0]]),  # the second picture's red star, not the first's red circle
+        (0, 19, [[6 + 0], [6 + 0]]),
+    ]
+    # Before the second picture has arrived there is nothing to compare.
+    assert probe.targets(ids[:, :8], labels[:, :8], [[first, second]], kinds) == []
+
+
+def test_comparison_probe_teaches_two_heads_to_read_one_picture_each():
+    """Trained through the probe alone, the third layer's two asked heads put at least 90 % of
+    their attention on their own picture's last vector."""
+    from owl.train import ComparisonProbe
+
+    torch.manual_seed(0)
+    model = make_tiny()
+    per_image = model.config.num_image_tokens
+    probe = ComparisonProbe(per_image, grid=2, words={})
+    first, second = grounding_scenes()
+    ids = torch.tensor([[5, *[IMAGE_TOKEN_ID] * (2 * per_image), 7, 8, 9, 2]] * 2)
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -3:] = ids[:, -3:]
+    kinds = [["same_count"], ["more_objects"]]
+    assert len(probe.targets(ids, labels, [[first, second]] * 2, kinds)) == 2 * 3
+    size = model.config.vision.image_size
+    pixels = torch.randn(4, 3, size, size)
+    attention = ComparisonProbe.part(model)
+    assert attention is model.language_model.get_decoder().layers[-2].self_attn
+    captured = []
+    hook = attention.register_forward_pre_hook(
+        lambda *call: captured.append(ComparisonProbe.capture(*call)), with_kwargs=True
+    )
+    optimizer = torch.optim.Adam(model.language_model.parameters(), lr=3e-3)
+    for _ in range(60):
+        captured.clear()
+        model(ids, pixels)
+        loss = probe.loss(captured[0], ids, labels, [[first, second]] * 2, kinds)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    hook.remove()
+    assert loss.item() < -math.log(0.9)
+
+
 def test_binding_probe_asks_only_words_that_name_one_object():
     from owl.train import BindingProbe
 

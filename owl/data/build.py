@@ -73,7 +73,13 @@ class Example:
 
 
 def plan_example(
-    seed: int, index: int, *, split: str = "train", robust: bool = False, extra_turns: int = 0
+    seed: int,
+    index: int,
+    *,
+    split: str = "train",
+    robust: bool = False,
+    extra_turns: int = 0,
+    pair_turns: float = 0.0,
 ) -> Plan:
     """The dialogue and render settings of example ``index``.
 
@@ -84,7 +90,7 @@ def plan_example(
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     key = f"owl-data:{split}:{seed}:{index}"
     rng = random.Random(key)
-    dialogue = random_dialogue(rng, extra_turns=extra_turns)
+    dialogue = random_dialogue(rng, extra_turns=extra_turns, pair_turns=pair_turns)
     pick = robustness_settings if robust else training_settings
     settings = tuple(pick(rng) for _ in dialogue.scenes)
     return Plan(dialogue, settings, tuple(f"{key}:image{j}" for j in range(len(settings))))
@@ -98,9 +104,12 @@ def make_example(
     robust: bool = False,
     system: str = DEMO_SYSTEM,
     extra_turns: int = 0,
+    pair_turns: float = 0.0,
 ) -> Example:
     """Example ``index`` in memory, images as PIL (JPEG artefacts included where its settings ask)."""
-    plan = plan_example(seed, index, split=split, robust=robust, extra_turns=extra_turns)
+    plan = plan_example(
+        seed, index, split=split, robust=robust, extra_turns=extra_turns, pair_turns=pair_turns
+    )
     images = tuple(
         render_with(scene, settings, random.Random(noise_seed))
         for scene, settings, noise_seed in zip(

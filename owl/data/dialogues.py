@@ -617,6 +617,10 @@ PAIR_QUESTIONS: dict[str, PairQuestion] = {
 }
 
 
+# The comparisons whose answers are balanced between any two scenes.
+BALANCED_PAIRS = ("which_image", "more_objects")
+
+
 def scene_pair(rng: random.Random, kind: str) -> tuple[Scene, Scene]:
     """Two scenes for a pair question, built so that "Yes." and "No." are equally likely."""
     first = random_scene(rng)
@@ -697,12 +701,17 @@ def _weighted_order(rng: random.Random, names: Sequence[str], weights: dict[str,
     return sorted(names, key=lambda name: -(rng.random() ** (1.0 / weights.get(name, 1.0))))
 
 
-def random_dialogue(rng: random.Random, *, layout: str | None = None, extra_turns: int = 0) -> Dialogue:
+def random_dialogue(
+    rng: random.Random, *, layout: str | None = None, extra_turns: int = 0, pair_turns: float = 0.0
+) -> Dialogue:
     """A random conversation in one of :data:`DIALOGUE_LAYOUTS` (chosen by weight unless given).
 
     ``extra_turns`` appends that many more questions about the conversation's images (follow-ups
     or new questions): denser supervision per picture for training. Drawn after everything else,
-    so the conversation's beginning is the same as without them.
+    so the conversation's beginning is the same as without them. With two images, each of those
+    is with probability ``pair_turns`` a "which image ...?" question not asked yet (where one is
+    left): whichever two scenes were drawn, its answers are as often the first as the second,
+    unlike "the same number?" or "the same shapes?" (mostly "No." between unrelated scenes).
     """
     if layout is None:
         layout = rng.choices(list(DIALOGUE_LAYOUTS), weights=list(DIALOGUE_LAYOUTS.values()))[0]
@@ -717,6 +726,13 @@ def random_dialogue(rng: random.Random, *, layout: str | None = None, extra_turn
     builder = _Builder(rng)
     builders[layout](builder)
     for _ in range(extra_turns):
+        if (
+            len(builder.scenes) == 2
+            and pair_turns
+            and rng.random() < pair_turns
+            and builder.ask_pair(BALANCED_PAIRS)
+        ):
+            continue
         index = rng.randrange(len(builder.scenes))
         ref = single_ref(rng) if len(builder.scenes) == 1 else ordinal_ref(index)
         builder.follow_up_or_single(index, ref)
