@@ -583,9 +583,8 @@ class OrderProbe(LayerOutputProbe):
     images (from what comes before them), and only then can a question find the red circle and read
     off its image. This head asks for the first step directly, on the hidden states of the first
     layer, and is dropped from the exported model like the other probes. The embedded model learns
-    it perfectly (on held-out conversations every image position names its picture) and compares
-    the pictures' object counts well (93 %), but "which image has ...?" is still at chance: the
-    second step is what is missing there.
+    it perfectly (on held-out conversations every image position names its picture); the second
+    step is the :class:`ComparisonProbe`'s.
     """
 
     layer = 0  # the decoder layer whose output is asked
@@ -987,51 +986,53 @@ class ComparisonProbe(AttentionProbe):
         return cls(model.config.num_image_tokens, math.isqrt(model.config.num_query_tokens), words)
 
     def targets(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, scenes, kinds
+        self, input_ids: torch.Tensor, labels: torch.Tensor, scenes, turns
     ) -> list[tuple[int, int, list[list[int]]]]:
         """(row, position, per asked head the key positions to look at) for each position whose
-        next token is an answer token of a two-picture question. ``scenes``: per row, the scene of
-        each image in order; ``kinds``: per row, each turn's question kind."""
-        from owl.evaluate import TWO_IMAGE_KINDS
-
+        next token is an answer token of a turn :meth:`looks` asks about. ``scenes``: per row, the
+        scene of each image in order; ``turns``: per row, (image it is about, question kind) of
+        each turn."""
         found = []
-        for row, (pictures, turns) in enumerate(zip(scenes, kinds, strict=True)):
+        for row, (pictures, asked) in enumerate(zip(scenes, turns, strict=True)):
             ids = input_ids[row].tolist()
             slots = [p for p, token in enumerate(ids) if token == IMAGE_TOKEN_ID]
             starts, ends = slots[:: self.per_image], slots[self.per_image - 1 :: self.per_image]
             asked_before = 0
             for turn, span in enumerate(answer_spans(labels[row])):
-                kind = turns[turn] if turn < len(turns) else None
-                question = range(asked_before, span.start)
+                image, kind = asked[turn] if turn < len(asked) else (None, None)
+                question = [ids[p] for p in range(asked_before, span.start)]
                 asked_before = span.stop
-                if kind not in TWO_IMAGE_KINDS or min(len(ends), len(pictures)) < 2 or ends[1] > span.start:
-                    continue
-                if kind == "which_image":
-                    wanted = {}
-                    for position in question:
-                        word = self.words.get(ids[position])
-                        if word is not None:
-                            wanted[word[0]] = word[1]
-                    looked = sorted(
-                        starts[image] + query_cell(shape, self.grid)
-                        for image in (0, 1)
-                        for shape in pictures[image].shapes
-                        if wanted and all(getattr(shape, field) == name for field, name in wanted.items())
-                    )
-                    if not looked:
-                        continue
-                    heads = [looked] * self.heads
-                else:
-                    heads = [[ends[0]], [ends[1]]]
-                found += [(row, p - 1, heads) for p in span]
+                shown = min(len(pictures), sum(end < span.start for end in ends))
+                heads = self.looks(kind, image, question, pictures[:shown], starts, ends)
+                if heads is not None:
+                    found += [(row, p - 1, heads) for p in span]
         return found
 
+    def looks(self, kind, image, question: list[int], pictures, starts, ends) -> list[list[int]] | None:
+        """Per asked head the key positions to look at for a turn of ``kind`` about ``image``
+        (``question``: its token ids; ``pictures``: the scenes shown before its answer, whose
+        first and last image vectors are at ``starts`` and ``ends``), or None to ask nothing."""
+        from owl.evaluate import TWO_IMAGE_KINDS
+
+        if kind not in TWO_IMAGE_KINDS or len(pictures) < 2:
+            return None
+        if kind != "which_image":
+            return [[ends[0]], [ends[1]]]
+        wanted = dict(self.words[token] for token in question if token in self.words)
+        looked = sorted(
+            starts[index] + query_cell(shape, self.grid)
+            for index in (0, 1)
+            for shape in pictures[index].shapes
+            if wanted and all(getattr(shape, field) == name for field, name in wanted.items())
+        )
+        return [looked] * self.heads if looked else None
+
     def loss(
-        self, captured: tuple, input_ids: torch.Tensor, labels: torch.Tensor, scenes, kinds
+        self, captured: tuple, input_ids: torch.Tensor, labels: torch.Tensor, scenes, turns
     ) -> torch.Tensor:
         length = input_ids.shape[1]
         asked = []
-        for row, position, heads in self.targets(input_ids, labels, scenes, kinds):
+        for row, position, heads in self.targets(input_ids, labels, scenes, turns):
             wanted = torch.zeros(self.heads, length, dtype=torch.bool)
             for head, keys in enumerate(heads):
                 wanted[head, keys] = True
@@ -1558,7 +1559,7 @@ def _loss_with_probes(model, probes, batch: Batch, drawn, settings: TrainSetting
     if not layouts:
         return loss
     references = [turns for _, turns, _ in drawn]  # per row, the image each turn is about
-    kinds = [turns for _, _, turns in drawn]  # and its question kind
+    turns = [list(zip(images, kinds, strict=True)) for _, images, kinds in drawn]  # (image, kind)
     asked = {  # name: (weight, what the probe's loss reads besides its captured outputs)
         "object": (settings.object_probe, (layouts,)),
         "query": (settings.query_probe, (layouts,)),
@@ -1568,7 +1569,7 @@ def _loss_with_probes(model, probes, batch: Batch, drawn, settings: TrainSetting
         "binding": (settings.binding_probe, (batch.input_ids, batch.labels, pictures)),
         "summary": (settings.summary_probe, (batch.input_ids, pictures)),
         "answer": (settings.answer_probe, (batch.input_ids, batch.labels, pictures, references)),
-        "comparison": (settings.comparison_probe, (batch.input_ids, batch.labels, pictures, kinds)),
+        "comparison": (settings.comparison_probe, (batch.input_ids, batch.labels, pictures, turns)),
     }
     for name, outputs in captured.items():
         weight, given = asked[name]

@@ -236,25 +236,44 @@ def test_order_probe_numbers_each_image_slot_by_its_image_in_its_row():
     assert labels.tolist() == [[n, 0, 0, n, n, 1, 1, n], [n, n, 0, 0, n, n, n, n]]
 
 
+def fit(model, params, captured: list, loss_of, ids, pixels, steps: int) -> torch.Tensor:
+    """Trains ``params`` through ``loss_of(what a hook put in captured)`` alone; returns the last loss."""
+    optimizer = torch.optim.Adam(params, lr=3e-3)
+    for _ in range(steps):
+        captured.clear()
+        model(ids, pixels)
+        loss = loss_of(captured[0])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return loss
+
+
 def train_through(model, part, params, loss_of, ids, pixels, steps: int = 150) -> torch.Tensor:
     """Trains ``params`` through ``loss_of(output of part)`` alone; returns ``part``'s output after."""
     captured = []
     hook = part.register_forward_hook(lambda module, args, out: captured.append(out))
-    optimizer = torch.optim.Adam(params, lr=3e-3)
     try:
-        for _ in range(steps):
-            captured.clear()
-            model(ids, pixels)
-            loss = loss_of(captured[0])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        fit(model, params, captured, loss_of, ids, pixels, steps)
         captured.clear()
         with torch.no_grad():
             model(ids, pixels)
     finally:
         hook.remove()
     return captured[0]
+
+
+def train_attention(model, probe, loss_of, ids, pixels, steps: int = 60) -> torch.Tensor:
+    """Trains the language model through ``loss_of(what the probe captured)`` alone; returns the
+    last loss."""
+    captured = []
+    hook = probe.part(model).register_forward_pre_hook(
+        lambda *call: captured.append(probe.capture(*call)), with_kwargs=True
+    )
+    try:
+        return fit(model, model.language_model.parameters(), captured, loss_of, ids, pixels, steps)
+    finally:
+        hook.remove()
 
 
 def test_order_probe_trains_the_first_layer_to_know_which_image_a_vector_is_from():
@@ -354,20 +373,7 @@ def test_reference_probe_teaches_the_last_layer_to_look_at_the_asked_image():
     labels, references = answer_labels(ids), [[0], [1]]
     size = model.config.vision.image_size
     pixels = torch.randn(2, 3, size, size).repeat(2, 1, 1, 1)
-    captured = []
-    attention = ReferenceProbe.part(model)
-    hook = attention.register_forward_pre_hook(
-        lambda *call: captured.append(ReferenceProbe.capture(*call)), with_kwargs=True
-    )
-    optimizer = torch.optim.Adam(model.language_model.parameters(), lr=3e-3)
-    for _ in range(60):
-        captured.clear()
-        model(ids, pixels)
-        loss = probe.loss(captured[0], ids, labels, references)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    hook.remove()
+    loss = train_attention(model, probe, lambda out: probe.loss(out, ids, labels, references), ids, pixels)
     assert loss.item() < -math.log(0.9)  # at least 90 % of those heads' attention on the asked image
 
 
@@ -424,20 +430,10 @@ def test_grounding_probe_teaches_the_first_layer_to_find_the_named_object():
     labels = torch.full_like(ids, IGNORE)
     size = model.config.vision.image_size
     pixels = torch.randn(1, 3, size, size).repeat(2, 1, 1, 1)
-    captured = []
-    hook = GroundingProbe.part(model).register_forward_pre_hook(
-        lambda *call: captured.append(GroundingProbe.capture(*call)), with_kwargs=True
-    )
     assert GroundingProbe.part(model) is model.language_model.get_decoder().layers[0].self_attn
-    optimizer = torch.optim.Adam(model.language_model.parameters(), lr=3e-3)
-    for _ in range(60):
-        captured.clear()
-        model(ids, pixels)
-        loss = probe.loss(captured[0], ids, labels, [[first], [first]])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    hook.remove()
+    loss = train_attention(
+        model, probe, lambda out: probe.loss(out, ids, labels, [[first], [first]]), ids, pixels
+    )
     assert [slots for _, _, slots in probe.targets(ids, labels, [[first], [first]])] == [[2 + 1], [2 + 2]]
     assert loss.item() < -math.log(0.9)  # at least 90 % of those heads' attention on the named object
 
@@ -536,8 +532,8 @@ def test_comparison_probe_asks_two_heads_to_read_both_pictures_at_a_comparisons_
     labels = torch.full_like(ids, IGNORE)
     for p in (13, 14, 19, 20, 23, 24):
         labels[0, p] = ids[0, p]
-    kinds = [["same_count", "which_image", "colour"]]
-    found = probe.targets(ids, labels, [[first, second]], kinds)
+    turns = [[(None, "same_count"), (1, "which_image"), (0, "colour")]]
+    found = probe.targets(ids, labels, [[first, second]], turns)
     assert found == [
         (0, 12, [[5], [10]]),  # each head on one picture's last vector
         (0, 13, [[5], [10]]),
@@ -545,7 +541,7 @@ def test_comparison_probe_asks_two_heads_to_read_both_pictures_at_a_comparisons_
         (0, 19, [[6 + 0], [6 + 0]]),
     ]
     # Before the second picture has arrived there is nothing to compare.
-    assert probe.targets(ids[:, :8], labels[:, :8], [[first, second]], kinds) == []
+    assert probe.targets(ids[:, :8], labels[:, :8], [[first, second]], turns) == []
 
 
 def test_comparison_probe_teaches_two_heads_to_read_one_picture_each():
@@ -561,25 +557,15 @@ def test_comparison_probe_teaches_two_heads_to_read_one_picture_each():
     ids = torch.tensor([[5, *[IMAGE_TOKEN_ID] * (2 * per_image), 7, 8, 9, 2]] * 2)
     labels = torch.full_like(ids, IGNORE)
     labels[:, -3:] = ids[:, -3:]
-    kinds = [["same_count"], ["more_objects"]]
-    assert len(probe.targets(ids, labels, [[first, second]] * 2, kinds)) == 2 * 3
+    turns = [[(None, "same_count")], [(None, "more_objects")]]
+    assert len(probe.targets(ids, labels, [[first, second]] * 2, turns)) == 2 * 3
     size = model.config.vision.image_size
     pixels = torch.randn(4, 3, size, size)
-    attention = ComparisonProbe.part(model)
-    assert attention is model.language_model.get_decoder().layers[-2].self_attn
-    captured = []
-    hook = attention.register_forward_pre_hook(
-        lambda *call: captured.append(ComparisonProbe.capture(*call)), with_kwargs=True
+    assert ComparisonProbe.part(model) is model.language_model.get_decoder().layers[-2].self_attn
+    pictures = [[first, second]] * 2
+    loss = train_attention(
+        model, probe, lambda out: probe.loss(out, ids, labels, pictures, turns), ids, pixels
     )
-    optimizer = torch.optim.Adam(model.language_model.parameters(), lr=3e-3)
-    for _ in range(60):
-        captured.clear()
-        model(ids, pixels)
-        loss = probe.loss(captured[0], ids, labels, [[first, second]] * 2, kinds)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    hook.remove()
     assert loss.item() < -math.log(0.9)
 
 
