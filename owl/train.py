@@ -1658,8 +1658,8 @@ def _save(
 # The embedded model's recipe (models/owl-tiny): everything from scratch on synthetic scenes, in two
 # stages. The vision stage teaches the tower (with the object probe) and the abstractor beside it
 # (with the query probe) and ends with a checkpoint; then the tower is frozen and the rest trains with
-# the query, order, reference, grounding, binding, summary and answer probes, tokens as prompted, in
-# batches of about one length.
+# the query, order, reference, grounding, binding, summary, answer and comparison probes, tokens as
+# prompted, in batches of about one length, with extra comparisons in two-image conversations.
 TINY_RECIPE = {
     "config": "owl-tiny",
     "data": "synthetic",
@@ -1685,7 +1685,9 @@ TINY_RECIPE = {
     "binding_probe": 0.5,
     "summary_probe": 1.0,
     "answer_probe": 0.5,
+    "comparison_probe": 0.5,
     "extra_turns": 2,
+    "pair_turns": 0.5,
     "length_groups": 8,
     "easy_steps": 500,
     "min_lr_ratio": 0.05,

@@ -15,11 +15,6 @@ pytestmark = pytest.mark.skipif(
     not (DEFAULT_CHECKPOINT / "config.json").is_file(), reason="no embedded model"
 )
 GREEDY = owl.GenerationParams(max_new_tokens=16)
-# What the embedded model cannot do yet (its model card says so): these must start passing, and
-# then lose this mark, when a model that can is shipped.
-NOT_YET = pytest.mark.xfail(
-    strict=True, reason="the embedded model does not yet tell its pictures apart by what they show"
-)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +55,6 @@ def test_the_background_colour(engine, background):
     )
 
 
-@NOT_YET
 def test_with_two_images_the_answer_follows_their_order(engine):
     """Asked about either picture, in either order: a model that always names one position, or
     that follows the order of the pictures but not the question, fails."""
