@@ -552,6 +552,11 @@ def picture_starts(ids: list[int], per_image: int) -> list[int]:
     return [p for p, token in enumerate(ids) if token == IMAGE_TOKEN_ID][::per_image]
 
 
+def picture_ends(ids: list[int], per_image: int) -> list[int]:
+    """The position of each picture's last image vector in a row of token ids."""
+    return [p for p, token in enumerate(ids) if token == IMAGE_TOKEN_ID][per_image - 1 :: per_image]
+
+
 def answer_spans(labels: torch.Tensor) -> list[range]:
     """The positions of each answer (a run of labelled tokens) in a row of labels, in order."""
     spans = []
@@ -742,8 +747,9 @@ def object_words(tokenizer, capitalised: bool = False) -> dict[int, tuple[str, s
 
 
 class ObjectAttentionProbe(AttentionProbe):
-    """An attention probe whose positions are asked to look at objects: at the image vectors of
-    their cells' queries. ``words`` (:func:`object_words`) are the words that name objects."""
+    """An attention probe whose positions are asked to look at image vectors, above all at objects
+    (the image vectors of their cells' queries). ``words`` (:func:`object_words`) are the words that
+    name objects."""
 
     answer_words = False  # the words as they begin an answer ("Red.") count too
 
@@ -863,8 +869,7 @@ class SummaryProbe(LayerOutputProbe):
         """(row, position of a picture's last image vector, its scene) for each picture shown."""
         found = []
         for row, pictures in enumerate(scenes):
-            slots = (input_ids[row] == IMAGE_TOKEN_ID).nonzero().flatten().tolist()
-            ends = slots[self.per_image - 1 :: self.per_image]
+            ends = picture_ends(input_ids[row].tolist(), self.per_image)
             found += [(row, end, scene) for end, scene in zip(ends, pictures, strict=False)]
         return found
 
@@ -960,7 +965,7 @@ class AnswerProbe(ObjectAttentionProbe):
         return self.objects_loss(captured, input_ids.shape[1], targets)
 
 
-class ComparisonProbe(AttentionProbe):
+class ComparisonProbe(ObjectAttentionProbe):
     """In the third decoder layer, at every position that predicts an answer token of a question
     about two pictures, two heads are asked to read them: for "which image has more objects?", "do
     both have the same number ...?" or "... the same kinds of shapes?", the first head looks at the
@@ -976,15 +981,6 @@ class ComparisonProbe(AttentionProbe):
     layer = -2
     first_head = 0
 
-    def __init__(self, per_image: int, grid: int, words: dict[int, tuple[str, str]]):
-        super().__init__()
-        self.per_image, self.grid, self.words = per_image, grid, words
-
-    @classmethod
-    def for_model(cls, model, tokenizer) -> ComparisonProbe:
-        words = object_words(tokenizer)
-        return cls(model.config.num_image_tokens, math.isqrt(model.config.num_query_tokens), words)
-
     def targets(
         self, input_ids: torch.Tensor, labels: torch.Tensor, scenes, turns
     ) -> list[tuple[int, int, list[list[int]]]]:
@@ -995,8 +991,7 @@ class ComparisonProbe(AttentionProbe):
         found = []
         for row, (pictures, asked) in enumerate(zip(scenes, turns, strict=True)):
             ids = input_ids[row].tolist()
-            slots = [p for p, token in enumerate(ids) if token == IMAGE_TOKEN_ID]
-            starts, ends = slots[:: self.per_image], slots[self.per_image - 1 :: self.per_image]
+            starts, ends = picture_starts(ids, self.per_image), picture_ends(ids, self.per_image)
             asked_before = 0
             for turn, span in enumerate(answer_spans(labels[row])):
                 image, kind = asked[turn] if turn < len(asked) else (None, None)
@@ -1012,9 +1007,9 @@ class ComparisonProbe(AttentionProbe):
         """Per asked head the key positions to look at for a turn of ``kind`` about ``image``
         (``question``: its token ids; ``pictures``: the scenes shown before its answer, whose
         first and last image vectors are at ``starts`` and ``ends``), or None to ask nothing."""
-        from owl.evaluate import TWO_IMAGE_KINDS
+        from owl.data.dialogues import PAIR_QUESTIONS
 
-        if kind not in TWO_IMAGE_KINDS or len(pictures) < 2:
+        if kind not in PAIR_QUESTIONS or len(pictures) < 2:
             return None
         if kind != "which_image":
             return [[ends[0]], [ends[1]]]
