@@ -2,6 +2,7 @@
 
     python -m owl.evaluate --num 2000 --seed 1234            # the embedded model
     python -m owl.evaluate --num 2000 --seed 1234 --robust   # scenes drawn in ways training never saw
+    python -m owl.evaluate --num 500 --by-change             # which unseen way of drawing costs what
 
 Questions come from the evaluation split (scenes never used in training) and are answered
 greedily through the serving engine; earlier turns of a conversation carry their gold answers.
@@ -48,14 +49,46 @@ class Report:
         lines.append(f"{'all':<16} {'':>6} {'':>6} {self.accuracy():>9.1%}")
         return "\n".join(lines)
 
+    def summary(self) -> dict:
+        """The numbers of :meth:`table`, for a JSON file."""
+        two = [k for k in TWO_IMAGE_KINDS if k in self.per_kind]
+        return {
+            "per_kind": self.per_kind,
+            "single_image": self.accuracy(self.single_kinds),
+            "two_image": self.accuracy(two),
+            "all": self.accuracy(),
+        }
 
-def evaluate(loaded, *, num: int, seed: int, robust: bool = False, max_batch: int = 16) -> Report:
+
+def change_table(reports: dict[str, Report]) -> str:
+    """Accuracy per question kind (rows) for each way of drawing (columns), from :func:`by_change`."""
+    names = list(reports)
+    kinds = sorted({kind for report in reports.values() for kind in report.per_kind})
+    singles = [k for k in kinds if k not in TWO_IMAGE_KINDS]
+    rows = [(k, [k]) for k in singles + [k for k in TWO_IMAGE_KINDS if k in kinds]]
+    rows += [("single-image", singles), ("two-image", list(TWO_IMAGE_KINDS)), ("all", None)]
+    width = max(12, *(len(name) + 1 for name in names))
+    lines = [f"{'question kind':<16}" + "".join(f"{name:>{width}}" for name in names)]
+    for label, chosen in rows:
+        cells = []
+        for name in names:
+            report = reports[name]
+            present = chosen is None or any(k in report.per_kind for k in chosen)
+            cells.append(f"{report.accuracy(chosen):>{width}.1%}" if present else f"{'-':>{width}}")
+        lines.append(f"{label:<16}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def evaluate(
+    loaded, *, num: int, seed: int, robust: bool = False, change: str | None = None, max_batch: int = 16
+) -> Report:
+    """Asks ``num`` held-out questions (drawn as :func:`owl.data.build.eval_items` draws them)."""
     from owl.data.build import eval_items
     from owl.data.dialogues import answer_matches
     from owl.engine import Engine, EngineSettings
     from owl.processing import encode_prompt
 
-    items = eval_items(num, seed=seed, robust=robust)
+    items = eval_items(num, seed=seed, robust=robust, change=change)
     params = GenerationParams(max_new_tokens=24)
     counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     report = Report()
@@ -81,6 +114,17 @@ def evaluate(loaded, *, num: int, seed: int, robust: bool = False, max_batch: in
     return report
 
 
+def by_change(loaded, *, num: int, seed: int) -> dict[str, Report]:
+    """The same ``num`` questions drawn as in training ("clean") and then with each one of
+    :data:`owl.data.scenes.UNSEEN_CHANGES` alone: which unseen way of drawing costs what."""
+    from owl.data.scenes import UNSEEN_CHANGES
+
+    reports = {"clean": evaluate(loaded, num=num, seed=seed)}
+    for change in UNSEEN_CHANGES:
+        reports[change] = evaluate(loaded, num=num, seed=seed, change=change)
+    return reports
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import owl
 
@@ -89,10 +133,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num", type=int, default=2000, help="questions to ask")
     parser.add_argument("--seed", type=int, default=1234, help="evaluation seed (never used in training)")
     parser.add_argument("--robust", action="store_true", help="draw scenes in settings training never used")
+    parser.add_argument(
+        "--by-change",
+        action="store_true",
+        help="the questions clean, then with each unseen way of drawing alone, side by side",
+    )
     parser.add_argument("--mistakes", action="store_true", help="print some wrong answers")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
+    if args.robust and args.by_change:
+        parser.error("--by-change draws each unseen change alone; leave out --robust")
     loaded = owl.load(args.checkpoint)
+    if args.by_change:
+        reports = by_change(loaded, num=args.num, seed=args.seed)
+        seconds = sum(report.seconds for report in reports.values())
+        print(f"{loaded.name}: {args.num} questions per way of drawing, seed {args.seed}, {seconds:.0f} s")
+        print(change_table(reports))
+        if args.json:
+            with open(args.json, "w") as handle:
+                summary = {name: report.summary() for name, report in reports.items()}
+                json.dump({"by_change": summary, "seed": args.seed, "num": args.num}, handle, indent=2)
+        return 0
     report = evaluate(loaded, num=args.num, seed=args.seed, robust=args.robust)
     print(
         f"{loaded.name}: {args.num} questions, seed {args.seed}{', robustness scenes' if args.robust else ''}, "
@@ -106,10 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.json, "w") as handle:
             json.dump(
                 {
-                    "per_kind": report.per_kind,
-                    "single_image": report.accuracy(report.single_kinds),
-                    "two_image": report.accuracy([k for k in TWO_IMAGE_KINDS if k in report.per_kind]),
-                    "all": report.accuracy(),
+                    **report.summary(),
                     "robust": args.robust,
                     "seed": args.seed,
                     "num": args.num,

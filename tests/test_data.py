@@ -144,6 +144,37 @@ def test_robustness_settings_are_never_training_settings() -> None:
         assert outside_sizes or max(s.width, s.height) / min(s.width, s.height) >= 2.4
 
 
+def test_each_unseen_change_alone_keeps_the_rest_of_the_training_settings() -> None:
+    """``change`` draws the very same questions with training settings but for one unseen change;
+    the noise is the same pixel for pixel, so only that change differs from the clean picture."""
+    clean = build.eval_items(10, seed=3)
+    for change in scenes.UNSEEN_CHANGES:
+        changed = build.eval_items(10, seed=3, change=change)
+        assert [i.question for i in changed] == [i.question for i in clean]
+        for item, plain in zip(changed, clean, strict=True):
+            for s, p in zip(item.settings, plain.settings, strict=True):
+                moved = {
+                    f
+                    for f in ("width", "height", "antialias", "jpeg_quality")
+                    if getattr(s, f) != getattr(p, f)
+                }
+                long_side, short_side = max(s.width, s.height), min(s.width, s.height)
+                if change == "hard edges":
+                    assert moved == {"antialias"} and not s.antialias
+                elif change == "low JPEG quality":
+                    assert moved == {"jpeg_quality"} and s.jpeg_quality <= 30 and s.noise == p.noise
+                elif change == "tiny canvas":
+                    assert moved and moved <= {"width", "height"} and long_side <= 80
+                elif change == "huge canvas":
+                    assert moved and moved <= {"width", "height"} and long_side >= 640
+                else:
+                    assert moved and moved <= {"width", "height"} and long_side / short_side >= 2.4
+    with pytest.raises(ValueError, match="unknown change 'fog'"):
+        build.eval_items(2, seed=3, change="fog")
+    with pytest.raises(ValueError, match="ask for one"):
+        build.eval_items(2, seed=3, robust=True, change="hard edges")
+
+
 # --- questions ------------------------------------------------------------------------------------
 
 

@@ -40,6 +40,7 @@ from owl.data.scenes import (
     RenderSettings,
     encode_jpeg,
     encode_png,
+    one_unseen_change,
     render_with,
     robustness_settings,
     training_settings,
@@ -78,6 +79,7 @@ def plan_example(
     *,
     split: str = "train",
     robust: bool = False,
+    change: str | None = None,
     extra_turns: int = 0,
     pair_turns: float = 0.0,
 ) -> Plan:
@@ -85,14 +87,22 @@ def plan_example(
 
     The dialogue is drawn before the render settings, so ``robust=True`` gives the very same
     conversation drawn with unseen settings: clean and robust scores compare like for like.
+    ``change`` (one of :data:`owl.data.scenes.UNSEEN_CHANGES`) keeps the training settings but for
+    that one change, to tell which unseen way of drawing costs what.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if robust and change is not None:
+        raise ValueError("robust and change are two kinds of unseen settings: ask for one")
     key = f"owl-data:{split}:{seed}:{index}"
     rng = random.Random(key)
     dialogue = random_dialogue(rng, extra_turns=extra_turns, pair_turns=pair_turns)
     pick = robustness_settings if robust else training_settings
     settings = tuple(pick(rng) for _ in dialogue.scenes)
+    if change is not None:
+        settings = tuple(
+            one_unseen_change(s, change, random.Random(f"{key}:{change}:{j}")) for j, s in enumerate(settings)
+        )
     return Plan(dialogue, settings, tuple(f"{key}:image{j}" for j in range(len(settings))))
 
 
@@ -102,13 +112,20 @@ def make_example(
     *,
     split: str = "train",
     robust: bool = False,
+    change: str | None = None,
     system: str = DEMO_SYSTEM,
     extra_turns: int = 0,
     pair_turns: float = 0.0,
 ) -> Example:
     """Example ``index`` in memory, images as PIL (JPEG artefacts included where its settings ask)."""
     plan = plan_example(
-        seed, index, split=split, robust=robust, extra_turns=extra_turns, pair_turns=pair_turns
+        seed,
+        index,
+        split=split,
+        robust=robust,
+        change=change,
+        extra_turns=extra_turns,
+        pair_turns=pair_turns,
     )
     images = tuple(
         render_with(scene, settings, random.Random(noise_seed))
@@ -163,16 +180,17 @@ class EvalItem:
         return render_prompt(self.history, self.turn.question, new_images=self.turn.new_images, system=system)
 
 
-def eval_items(num: int, *, seed: int = 0, robust: bool = False) -> list[EvalItem]:
+def eval_items(num: int, *, seed: int = 0, robust: bool = False, change: str | None = None) -> list[EvalItem]:
     """``num`` evaluation items from the ``"eval"`` split: one per turn of successive dialogues.
 
     With ``robust=True`` the same questions come with images drawn in settings never used in training
-    (see :func:`owl.data.scenes.robustness_settings`).
+    (see :func:`owl.data.scenes.robustness_settings`); with ``change`` in training settings but for
+    one unseen change (:func:`owl.data.scenes.one_unseen_change`).
     """
     items: list[EvalItem] = []
     index = 0
     while len(items) < num:
-        example = make_example(seed, index, split="eval", robust=robust)
+        example = make_example(seed, index, split="eval", robust=robust, change=change)
         items += _turn_items(example)
         index += 1
     return items[:num]

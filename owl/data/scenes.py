@@ -16,6 +16,7 @@ renderer is free to vary resolution, anti-aliasing, noise and JPEG compression.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import random
@@ -361,19 +362,42 @@ def training_settings(rng: random.Random) -> RenderSettings:
 def robustness_settings(rng: random.Random) -> RenderSettings:
     """Settings never used in training: hard edges, JPEG quality 15-30, and one of tiny (40-80 px),
     huge (640-1024 px) or extreme aspect (2.5:1 to 4:1) canvases."""
-    mode = rng.choice(("tiny", "huge", "extreme"))
+    width, height = _unseen_canvas(rng, rng.choice(("tiny", "huge", "extreme")))
+    return RenderSettings(
+        width,
+        height,
+        antialias=False,
+        noise=_noise(rng),
+        jpeg_quality=rng.randint(*ROBUST_JPEG_RANGE),
+    )
+
+
+def _unseen_canvas(rng: random.Random, mode: str) -> tuple[int, int]:
+    """(width, height) of a ``mode`` canvas: "tiny" (40-80 px), "huge" (640-1024 px) or "extreme"
+    (aspect 2.5:1 to 4:1)."""
     if mode == "tiny":
         long_side, short_side = _sides(rng, (40, 80), 1.0, TRAIN_MAX_ASPECT)
     elif mode == "huge":
         long_side, short_side = _sides(rng, (640, 1024), 1.0, TRAIN_MAX_ASPECT)
     else:
         long_side, short_side = _sides(rng, (96, 1024), 2.5, 4.0)
-    return RenderSettings(
-        *_orient(rng, long_side, short_side),
-        antialias=False,
-        noise=_noise(rng),
-        jpeg_quality=rng.randint(*ROBUST_JPEG_RANGE),
-    )
+    return _orient(rng, long_side, short_side)
+
+
+# The unseen ways of drawing one at a time: which of them costs what.
+UNSEEN_CHANGES = ("hard edges", "low JPEG quality", "tiny canvas", "huge canvas", "extreme aspect")
+
+
+def one_unseen_change(settings: RenderSettings, change: str, rng: random.Random) -> RenderSettings:
+    """``settings`` (training settings) with one of :data:`UNSEEN_CHANGES` made, the rest kept."""
+    if change == "hard edges":
+        return dataclasses.replace(settings, antialias=False)
+    if change == "low JPEG quality":
+        return dataclasses.replace(settings, jpeg_quality=rng.randint(*ROBUST_JPEG_RANGE))
+    if change in ("tiny canvas", "huge canvas", "extreme aspect"):
+        width, height = _unseen_canvas(rng, change.split()[0])
+        return dataclasses.replace(settings, width=width, height=height)
+    raise ValueError(f"unknown change {change!r}; use one of {', '.join(UNSEEN_CHANGES)}")
 
 
 def _sides(
