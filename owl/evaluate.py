@@ -38,24 +38,26 @@ class Report:
     def single_kinds(self) -> list[str]:
         return sorted(k for k in self.per_kind if k not in TWO_IMAGE_KINDS)
 
+    @property
+    def two_kinds(self) -> list[str]:
+        return [k for k in TWO_IMAGE_KINDS if k in self.per_kind]
+
     def table(self) -> str:
         lines = [f"{'question kind':<16} {'right':>6} {'total':>6} {'accuracy':>9}"]
-        for kind in [*self.single_kinds, *[k for k in TWO_IMAGE_KINDS if k in self.per_kind]]:
+        for kind in [*self.single_kinds, *self.two_kinds]:
             right, total = self.per_kind[kind]
             lines.append(f"{kind:<16} {right:>6} {total:>6} {right / total:>9.1%}")
-        two = [k for k in TWO_IMAGE_KINDS if k in self.per_kind]
         lines.append(f"{'single-image':<16} {'':>6} {'':>6} {self.accuracy(self.single_kinds):>9.1%}")
-        lines.append(f"{'two-image':<16} {'':>6} {'':>6} {self.accuracy(two):>9.1%}")
+        lines.append(f"{'two-image':<16} {'':>6} {'':>6} {self.accuracy(self.two_kinds):>9.1%}")
         lines.append(f"{'all':<16} {'':>6} {'':>6} {self.accuracy():>9.1%}")
         return "\n".join(lines)
 
     def summary(self) -> dict:
         """The numbers of :meth:`table`, for a JSON file."""
-        two = [k for k in TWO_IMAGE_KINDS if k in self.per_kind]
         return {
             "per_kind": self.per_kind,
             "single_image": self.accuracy(self.single_kinds),
-            "two_image": self.accuracy(two),
+            "two_image": self.accuracy(self.two_kinds),
             "all": self.accuracy(),
         }
 
