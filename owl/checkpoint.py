@@ -100,6 +100,7 @@ class Loaded:
             "quantization": self.quantization,
             "parameters": self.model.num_parameters(),
             "random_weights": self.random_weights,
+            "image_size": self.config.vision.image_size,
         }
 
 

@@ -355,6 +355,31 @@ class ImageProcessor:
         return torch.stack(tensors)
 
 
+SQUASH_WARN_RATIO = 2.0  # past this, the squash to a square distorts shapes beyond what training showed
+
+
+def aspect_hint(path: str | Path, image_size: int) -> str | None:
+    """A note for a picture more than twice as wide as tall (or as tall as wide), which the squash
+    to ``image_size`` square stretches beyond what the model saw in training; None for any other
+    picture, or a file that is not one (the engine reports those)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF says it is shown turned a quarter
+                width, height = height, width
+    except (OSError, UnidentifiedImageError, ValueError):
+        return None
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio <= SQUASH_WARN_RATIO:
+        return None
+    long, short = ("wide", "tall") if width > height else ("tall", "wide")
+    return (
+        f"{Path(path).name} is {ratio:.1f} times as {long} as it is {short} ({width} × {height} px). "
+        f"The model squashes every picture to a {image_size} × {image_size} square, so this one arrives "
+        f"stretched and its details may be misread; cropping it into parts gives better answers."
+    )
+
+
 # --- prompts -------------------------------------------------------------------------------------
 
 

@@ -31,6 +31,7 @@ from owl.conversation import Conversation
 from owl.errors import LimitExceeded, OwlError
 from owl.limits import RateLimiter, check_new_tokens, check_text, check_turn_images, decode_client_image
 from owl.params import GenerationParams
+from owl.processing import aspect_hint
 from owl.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -342,6 +343,10 @@ def build_demo(engine, settings: Settings, info: dict, chatlog: ConversationLog 
             if not text.strip() and not files:
                 yield history, None, count_label(history)
                 return
+            for path in files:
+                hint = aspect_hint(path, info.get("image_size", 224))
+                if hint:
+                    gr.Info(hint, duration=15, title="Stretched picture")
             content: list[Any] = [{"path": path} for path in files]
             if text:
                 content.append(escape_markdown_html(text))

@@ -214,3 +214,18 @@ def test_editing_a_question_runs_the_conversation_again_from_there(page, random_
     assert "And which colours?" not in page.locator("#owl-chat").inner_text()
     assert answer_text(page).strip()
     assert request_count(random_server, "submitted") == submitted + 1  # answered anew
+
+
+def test_a_panorama_is_answered_with_a_hint_that_it_will_be_stretched(page, tmp_path):
+    from PIL import Image
+
+    page.locator("#owl-clear").click()
+    panorama = tmp_path / "panorama.png"
+    Image.new("RGB", (600, 150), (30, 90, 200)).save(panorama)
+    open_parameters(page, 5)
+    ask(page, "What is in this picture?", [panorama])
+    toast = page.get_by_text("panorama.png is 4.0 times as wide as it is tall")
+    toast.wait_for(timeout=15_000)
+    assert "squashes every picture" in toast.inner_text()
+    page.wait_for_selector("#owl-chat [data-testid='bot']", timeout=20_000)
+    assert page.locator("#owl-chat [data-testid='user'] img").count() == 1  # sent all the same

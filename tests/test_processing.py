@@ -16,6 +16,7 @@ from owl.processing import (
     ImageLimits,
     ImageProcessor,
     PromptError,
+    aspect_hint,
     check_public_host,
     encode_prompt,
     image_spans,
@@ -152,6 +153,37 @@ def test_exif_orientation_is_applied():
     exif[0x0112] = 6  # rotate 90° clockwise to view
     rotated = load_image(png_bytes(image, "JPEG", exif=exif.tobytes()))
     assert rotated.size == (20, 40)
+
+
+@pytest.mark.parametrize(
+    ("size", "exif", "said"),
+    [
+        ((200, 100), None, None),  # 2:1, inside what the model saw
+        ((90, 100), None, None),
+        ((400, 100), None, "4.0 times as wide as it is tall (400 × 100 px)"),
+        ((100, 250), None, "2.5 times as tall as it is wide (100 × 250 px)"),
+        ((400, 100), 6, "4.0 times as tall as it is wide (100 × 400 px)"),  # shown turned
+    ],
+)
+def test_very_wide_or_tall_pictures_get_a_hint(tmp_path, size, exif, said):
+    path = tmp_path / "picture.jpg"
+    kwargs = {}
+    if exif:
+        tags = Image.Exif()
+        tags[0x0112] = exif
+        kwargs["exif"] = tags.tobytes()
+    Image.new("RGB", size).save(path, "JPEG", **kwargs)
+    hint = aspect_hint(path, 112)
+    if said is None:
+        assert hint is None
+    else:
+        assert said in hint and "112 × 112 square" in hint and hint.startswith("picture.jpg is ")
+
+
+def test_a_file_that_is_no_picture_gets_no_hint(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a picture")
+    assert aspect_hint(path, 224) is None
 
 
 def test_alpha_is_composited_on_white():
