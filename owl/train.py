@@ -18,7 +18,9 @@ paths are relative to the jsonl's folder or absolute.
 Every ``--eval-every`` steps the held-out loss is printed, and every ``--save-every`` steps a
 checkpoint (our export layout plus optimizer state, read back with ``weights_only``) lets
 ``--resume`` continue exactly where training stopped. LoRA checkpoints hold the adapters; the
-final folder of a LoRA run holds them and the model with them merged in.
+final folder of a LoRA run holds them and the model with them merged in. ``--average D`` exports
+a moving average of the trained weights (decay ``D`` per step) as the final model, and the
+weights as trained beside it in ``final-unaveraged``.
 
 ``--recipe tiny`` adds what a model trained from scratch needs and the releases got from
 pretrained parts: a vision stage first (the tower learns each object's shape, colour,
@@ -1210,6 +1212,38 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+class WeightAverage:
+    """An exponential moving average of the weights being trained, taken after every optimiser step
+    and exported in their place: the weights at the end of a run are one noisy point of where the
+    last few hundred steps wandered, their average sits in the middle of it. The decay ramps up
+    from 0.1 as (1 + n) / (10 + n) over the first updates, so the starting weights are soon forgotten."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params, self.decay, self.updates = params, decay, 0
+        self.average = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for average, param in zip(self.average, self.params, strict=True):
+            average.lerp_(param.detach(), 1 - decay)
+        self.updates += 1
+
+    @torch.no_grad()
+    def put_in(self) -> None:
+        """Make the averages the weights (at the end of a run)."""
+        for average, param in zip(self.average, self.params, strict=True):
+            param.copy_(average)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "average": self.average}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["average"]) != len(self.average):
+            raise ValueError("the saved weight average is of another set of weights")
+        self.updates, self.average = int(state["updates"]), [t.clone() for t in state["average"]]
+
+
 # --- the loop ------------------------------------------------------------------------------------
 
 
@@ -1230,6 +1264,7 @@ class TrainSettings:
     grad_accum: int = 1
     lr: float = 2e-5
     min_lr_ratio: float = 0.0
+    average: float = 0.0  # > 0: export a moving average of the weights with this decay per step
     warmup: int = 50
     weight_decay: float = 1e-4
     clip: float = 1.0
@@ -1380,6 +1415,7 @@ def train(settings: TrainSettings) -> Path:
             }
         )
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.98))
+    average = WeightAverage(trainable_parameters(model), settings.average) if settings.average > 0 else None
     data = (
         SyntheticData(
             settings.data_seed,
@@ -1412,6 +1448,8 @@ def train(settings: TrainSettings) -> Path:
             missing, _ = probes.load_state_dict(state["probes"], strict=False)
             if missing:
                 log.info("probes new since the save: %s", sorted({key.split(".")[0] for key in missing}))
+        if average is not None and "average" in state:
+            average.load_state_dict(state["average"])
         start_step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed at step %d", start_step)
@@ -1454,6 +1492,8 @@ def train(settings: TrainSettings) -> Path:
         torch.nn.utils.clip_grad_norm_(params, settings.clip)
         optimizer.step()
         scheduler.step()
+        if average is not None:
+            average.update()
         done = step + 1
         progress.set_postfix(
             loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}"
@@ -1468,7 +1508,7 @@ def train(settings: TrainSettings) -> Path:
             settings.max_minutes is not None and time.monotonic() - started > settings.max_minutes * 60
         )
         if done % settings.save_every == 0 or done == steps or out_of_time:
-            _save(model, tokenizer, optimizer, scheduler, done, out, settings, probes)
+            _save(model, tokenizer, optimizer, scheduler, done, out, settings, probes, average)
         if out_of_time:
             tqdm.write(
                 f"stopping at step {done}: the time budget of {settings.max_minutes} minutes is spent",
@@ -1477,6 +1517,10 @@ def train(settings: TrainSettings) -> Path:
             break
     model.eval()
     final = out / "final"
+    if average is not None:
+        if settings.stage != "lora":  # the weights as trained, beside their average, to compare
+            _export(model, tokenizer, out / "final-unaveraged", settings)
+        average.put_in()
     _export(model, tokenizer, final, settings, merge=True)
     return final
 
@@ -1635,7 +1679,15 @@ def merge_lora(model):
 
 
 def _save(
-    model, tokenizer, optimizer, scheduler, step: int, out: Path, settings: TrainSettings, probes=None
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    step: int,
+    out: Path,
+    settings: TrainSettings,
+    probes=None,
+    average: WeightAverage | None = None,
 ) -> None:
     _export(model, tokenizer, out / "latest", settings)
     state = {"step": step, "torch_rng": torch.get_rng_state()}
@@ -1643,6 +1695,8 @@ def _save(
         state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
     if probes is not None and len(probes):
         state["probes"] = probes.state_dict()
+    if average is not None:
+        state["average"] = average.state_dict()
     tmp = out / "training_state.pt.tmp"
     torch.save(state, tmp)
     tmp.replace(out / "training_state.pt")
@@ -1752,6 +1806,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
         ("vision-shape-weight", float),
         ("easy-steps", int),
         ("length-groups", int),
+        ("average", float),
     ]:
         parser.add_argument(f"--{name}", type=kind)
     parser.add_argument("--device")

@@ -645,6 +645,53 @@ def test_length_groups_batch_examples_of_about_one_length_and_use_each_once():
     assert resumed.batch(11) == taken[11]
 
 
+def test_the_weight_average_follows_its_decay_and_forgets_the_start():
+    """After each step the average moves toward the weights by 1 - decay, the decay ramping up as
+    (1 + n) / (10 + n); put_in makes it the weights; its state survives a save and load."""
+    from owl.train import WeightAverage
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    average = WeightAverage([weight], decay=0.5)
+    expected = torch.zeros(3)
+    for n, value in enumerate([10.0, 20.0, 40.0]):
+        with torch.no_grad():
+            weight.fill_(value)
+        average.update()
+        decay = min(0.5, (1 + n) / (10 + n))
+        expected = decay * expected + (1 - decay) * value
+    assert torch.allclose(average.average[0], expected)
+    saved = average.state_dict()
+    again = WeightAverage([weight], decay=0.5)
+    again.load_state_dict(saved)
+    assert again.updates == 3 and torch.equal(again.average[0], average.average[0])
+    average.put_in()
+    assert torch.equal(weight.detach(), expected)
+    with pytest.raises(ValueError, match="another set of weights"):
+        WeightAverage([weight, weight], decay=0.5).load_state_dict(saved)
+
+
+def test_an_averaged_run_exports_the_average_and_the_weights_as_trained(tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    small = ["--config", "tiny", "--batch-size", "2", "--vision-batch-size", "4", "--vision-steps", "2"]
+    small += ["--easy-steps", "1", "--eval-every", "100", "--save-every", "100", "--threads", "1"]
+    final = train(
+        parse_args(["--recipe", "tiny", "--out", str(out), *small, "--steps", "4", "--average", "0.9"])
+    )
+    averaged = load_file(final / "model.safetensors")
+    trained = load_file(out / "final-unaveraged" / "model.safetensors")
+    assert trained.keys() == averaged.keys()
+    assert torch.equal(
+        trained["abstractor.visual_fc.weight"],
+        load_file(out / "latest" / "model.safetensors")["abstractor.visual_fc.weight"],
+    )
+    tower = [k for k in trained if k.startswith("vision_model.")]
+    assert tower and all(torch.equal(trained[k], averaged[k]) for k in tower)  # frozen: nothing to average
+    assert not torch.equal(trained["abstractor.visual_fc.weight"], averaged["abstractor.visual_fc.weight"])
+    assert torch.load(out / "training_state.pt", weights_only=True)["average"]["updates"] == 4
+
+
 def test_the_tiny_recipe_runs_its_stages_and_resumes(tmp_path):
     """The embedded model's recipe at toy size: tokenizer, vision stage, then the rest with the tower
     frozen and the query and order probes on; a resumed run picks up its own tokenizer and probes."""
