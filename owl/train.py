@@ -1708,7 +1708,8 @@ def _save(
 # stages. The vision stage teaches the tower (with the object probe) and the abstractor beside it
 # (with the query probe) and ends with a checkpoint; then the tower is frozen and the rest trains with
 # the query, order, reference, grounding, binding, summary, answer and comparison probes, tokens as
-# prompted, in batches of about one length, with extra comparisons in two-image conversations.
+# prompted, in batches of about one length, with extra comparisons in two-image conversations; the
+# exported weights are their moving average over about the last hundred steps.
 TINY_RECIPE = {
     "config": "owl-tiny",
     "data": "synthetic",
@@ -1740,6 +1741,7 @@ TINY_RECIPE = {
     "length_groups": 8,
     "easy_steps": 500,
     "min_lr_ratio": 0.05,
+    "average": 0.99,
     "warmup": 100,
     "weight_decay": 0.01,
     "max_len": 512,
