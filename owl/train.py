@@ -1215,8 +1215,9 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 class WeightAverage:
     """An exponential moving average of the weights being trained, taken after every optimiser step
     and exported in their place: the weights at the end of a run are one noisy point of where the
-    last few hundred steps wandered, their average sits in the middle of it. The decay ramps up
-    from 0.1 as (1 + n) / (10 + n) over the first updates, so the starting weights are soon forgotten."""
+    last steps wandered, their average sits in the middle of it. The decay ramps up from 0.1 as
+    (1 + n) / (10 + n) over the first updates, so the starting weights are soon forgotten; a decay
+    ``d`` is reached after (10 d - 1) / (1 - d) updates (890 for 0.99, 4,490 for 0.998)."""
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float):
         self.params, self.decay, self.updates = params, decay, 0

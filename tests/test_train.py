@@ -671,6 +671,8 @@ def test_the_weight_average_follows_its_decay_and_forgets_the_start():
 
 
 def test_an_averaged_run_exports_the_average_and_the_weights_as_trained(tmp_path):
+    """--average: the final model is the average (of what trained; the frozen tower is as it was),
+    final-unaveraged the last step's weights, and a resumed run carries on the saved average."""
     from safetensors.torch import load_file
 
     out = tmp_path / "run"
@@ -690,6 +692,10 @@ def test_an_averaged_run_exports_the_average_and_the_weights_as_trained(tmp_path
     assert tower and all(torch.equal(trained[k], averaged[k]) for k in tower)  # frozen: nothing to average
     assert not torch.equal(trained["abstractor.visual_fc.weight"], averaged["abstractor.visual_fc.weight"])
     assert torch.load(out / "training_state.pt", weights_only=True)["average"]["updates"] == 4
+    halves = tmp_path / "halves"
+    for steps in (["--steps", "2"], ["--steps", "4", "--resume"]):
+        train(parse_args(["--recipe", "tiny", "--out", str(halves), *small, "--average", "0.9", *steps]))
+    assert torch.load(halves / "training_state.pt", weights_only=True)["average"]["updates"] == 4
 
 
 def test_the_tiny_recipe_runs_its_stages_and_resumes(tmp_path):
