@@ -151,6 +151,8 @@ def _decode(data: bytes, limits: ImageLimits, what: str) -> Image.Image:
         )
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:  # PIL refuses at open what is far past its own limit
+        raise ImageTooLarge(f"{what} is too large to decode safely") from None
     except UnidentifiedImageError:
         raise ImageError(
             f"{what} is not an image format we can read (PNG, JPEG, GIF, WebP, BMP, TIFF)"
@@ -361,13 +363,13 @@ SQUASH_WARN_RATIO = 2.0  # past this, the squash to a square distorts shapes bey
 def aspect_hint(path: str | Path, image_size: int) -> str | None:
     """A note for a picture more than twice as wide as tall (or as tall as wide), which the squash
     to ``image_size`` square stretches beyond what the model saw in training; None for any other
-    picture, or a file that is not one (the engine reports those)."""
+    picture, or a file that is not one or is too large to open (the engine reports those)."""
     try:
         with Image.open(path) as image:
             width, height = image.size
             if image.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF says it is shown turned a quarter
                 width, height = height, width
-    except (OSError, UnidentifiedImageError, ValueError):
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return None
     ratio = max(width, height) / max(1, min(width, height))
     if ratio <= SQUASH_WARN_RATIO:

@@ -15,6 +15,7 @@ from owl.processing import (
     ImageError,
     ImageLimits,
     ImageProcessor,
+    ImageTooLarge,
     PromptError,
     aspect_hint,
     check_public_host,
@@ -218,6 +219,29 @@ def test_pixel_limit_refuses_decompression_bombs():
     data = png_bytes(Image.new("L", (3000, 3000)))
     with pytest.raises(ImageError, match="9 megapixels; the limit is 1 megapixels"):
         load_image(data, limits=ImageLimits(max_pixels=1_000_000))
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1×1 PNG whose header claims ``width`` × ``height`` (its checksum mended): what a
+    decompression bomb shows before a pixel is decoded."""
+    import struct
+    import zlib
+
+    data = bytearray(png_bytes(Image.new("1", (1, 1))))
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(data)
+
+
+def test_a_header_past_pils_own_bomb_limit_is_refused_as_too_large(tmp_path):
+    """20,000 × 20,000 is past twice PIL's limit, where PIL refuses at open, before our own check."""
+    data = png_claiming(20_000, 20_000)
+    with pytest.raises(ImageTooLarge, match="too large to decode safely"):
+        load_image(data)
+    path = tmp_path / "bomb.png"
+    path.write_bytes(data)
+    assert aspect_hint(path, 224) is None  # the engine reports it; the hint stays out of the way
 
 
 @pytest.mark.parametrize(
