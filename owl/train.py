@@ -1237,7 +1237,7 @@ class WeightAverage:
             param.copy_(average)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "average": self.average}
+        return {"updates": self.updates, "average": self.average}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["average"]) != len(self.average):

@@ -344,7 +344,7 @@ def build_demo(engine, settings: Settings, info: dict, chatlog: ConversationLog 
                 yield history, None, count_label(history)
                 return
             for path in files:
-                hint = aspect_hint(path, info.get("image_size", 224))
+                hint = aspect_hint(path, info["image_size"])
                 if hint:
                     gr.Info(hint, duration=15, title="Stretched picture")
             content: list[Any] = [{"path": path} for path in files]
