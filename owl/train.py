@@ -1405,7 +1405,8 @@ def train(settings: TrainSettings) -> Path:
         probes["comparison"] = ComparisonProbe.for_model(model, tokenizer)
     if vision_done:
         _save(model, tokenizer, None, None, 0, out, settings, probes)  # --resume starts after this stage
-    params = trainable_parameters(model) + list(probes.parameters())
+    weights = trainable_parameters(model)
+    params = weights + list(probes.parameters())  # clipped together
     groups = _param_groups(model, settings)
     if len(probes):
         groups.append(
@@ -1416,7 +1417,7 @@ def train(settings: TrainSettings) -> Path:
             }
         )
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.98))
-    average = WeightAverage(trainable_parameters(model), settings.average) if settings.average > 0 else None
+    average = WeightAverage(weights, settings.average) if settings.average > 0 else None
     data = (
         SyntheticData(
             settings.data_seed,
