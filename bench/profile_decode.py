@@ -1,15 +1,19 @@
-"""Where a decode step's time goes on a GPU: graph replay alone, with inputs, a whole engine step.
+"""Where decode and first-token time go on a GPU, with transformers' layers and with owl.fused.
 
     python bench/profile_decode.py --preset mplug-owl-llama-7b
 
-Prints ms per step for: the replay of the captured step only (GPU time), the replay with its
-input copy and the read-back of the chosen token, and a whole request through the engine; then
-the kernels that take the most GPU time, and the parts of the time to first token.
+Builds the model once, then for each variant (``transformers``: the LLaMA layers as
+transformers runs them; ``fused``: owl.fused's layer function through torch.compile; both
+inside the engine's CUDA graphs) prints: GPU ms per captured decode step at each batch size,
+the same with the input copy and the token read-back, ms per token of a request through the
+engine, aggregate tokens/s of concurrent requests, the time to first token and its parts, and
+the kernels launched per step. Ends with the fused/transformers ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -18,70 +22,118 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serve import build, make_requests
+from bench.serve import build, make_requests, run_engine, single_ttft
 from owl.config import preset
 from owl.engine import Engine, EngineSettings
 from owl.params import GenerationParams
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int = 30) -> float:
     fn()
-    torch.cuda.synchronize()
+    sync()
     started = time.monotonic()
     for _ in range(repeats):
         fn()
-    torch.cuda.synchronize()
+    sync()
     return 1000 * (time.monotonic() - started) / repeats
+
+
+def replayer(graphs, batch: int):
+    """The captured step for this batch at position 200 (on CPU, a dry run: the same step, eagerly)."""
+    key = graphs.buckets(batch, 201)
+    graph = graphs.graphs[key]
+    return graph.graph.replay if graph.graph is not None else (lambda: graphs._step(graph, key[1]))
+
+
+def profile(loaded, fused: bool, batches: list[int], max_seq_len: int, device: torch.device) -> dict:
+    settings = EngineSettings(
+        max_batch=max(batches),
+        queue_size=max(batches) + 1,
+        max_seq_len=max_seq_len,
+        request_timeout_s=None,
+        static_decode=True,
+        fused=fused,
+        compile=fused and device.type == "cuda",
+    )
+    row: dict = {}
+    started = time.monotonic()
+    with Engine(loaded, settings) as engine, torch.inference_mode():
+        for batch in batches:  # every shape compiled and captured before anything is timed
+            run_engine(engine, make_requests(loaded, batch, seed=7), 8)
+        row["warm_up_s"] = time.monotonic() - started
+        row["compiled"] = bool(engine._fused is not None and engine._fused.compiled)
+        graphs = engine._graphs
+        for batch in batches:
+            tokens, positions = [3] * batch, [200] * batch
+            graphs.run(tokens, positions)
+            row[f"replay_ms_{batch}"] = timed(replayer(graphs, batch))
+            row[f"io_ms_{batch}"] = timed(lambda t=tokens, p=positions: graphs.run(t, p).argmax(-1).tolist())
+        handle = engine.submit(
+            *make_requests(loaded, 1)[0], GenerationParams(max_new_tokens=64, ignore_eos=True)
+        )
+        handle.text()
+        times = handle.stats.token_times
+        row["engine_ms_per_token_1"] = 1000 * (times[-1] - times[0]) / (len(times) - 1)
+        row["first_tokens"] = handle.stats.tokens[:64]
+        for batch in batches[1:]:
+            row[f"tok_s_{batch}"] = run_engine(engine, make_requests(loaded, batch, seed=batch), 64)[
+                "tokens_per_s"
+            ]
+        row["ttft_ms"] = single_ttft(engine, loaded, repeats=10)
+        pixels = make_requests(loaded, 1)[0][1].to(loaded.device, loaded.dtype)
+        row["vision_ms"] = timed(lambda: engine._vision(pixels), 10)
+        ids, _ = make_requests(loaded, 1)[0]
+        embeds = engine._vision(pixels)
+        request = type("Waiting", (), {"prompt_ids": ids})()
+        row["prefill_ms"] = timed(lambda: engine._prefill_slots([(request, embeds)], 0), 10)
+        if loaded.device.type == "cuda":
+            replay = replayer(graphs, 1)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    replay()
+                sync()
+            events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+            row["kernels_per_step"] = sum(e.count for e in events) / 5
+            row["kernel_ms_per_step"] = sum(e.self_device_time_total for e in events) / 5000
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+    return row
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="mplug-owl-llama-7b")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--variants", nargs="+", default=["transformers", "fused"])
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script (eager steps)")
     args = parser.parse_args()
-    loaded = build(preset(args.preset), torch.device("cuda"), torch.bfloat16)
-    settings = EngineSettings(max_batch=max(args.batches), max_seq_len=1024, request_timeout_s=None)
-    with Engine(loaded, settings) as engine, torch.inference_mode():
-        engine.submit(
-            *make_requests(loaded, 1)[0], GenerationParams(max_new_tokens=8, ignore_eos=True)
-        ).text()
-        graphs = engine._graphs
-        for batch in args.batches:
-            tokens, positions = [3] * batch, [200] * batch
-            graphs.run(tokens, positions)
-            graph = graphs.graphs[graphs.buckets(batch, 201)]
-            replay = timed(graph.graph.replay)
-            with_io = timed(lambda t=tokens, p=positions: graphs.run(t, p).argmax(-1).tolist())
-            print(
-                f"batch {batch}: replay only {replay:.2f} ms, with input copy and token read-back {with_io:.2f} ms",
-                flush=True,
-            )
-        handle = engine.submit(
-            *make_requests(loaded, 1)[0], GenerationParams(max_new_tokens=64, ignore_eos=True)
-        )
-        handle.text()
-        times = handle.stats.token_times
+    device = torch.device(args.device)
+    loaded = build(preset(args.preset), device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    rows = {}
+    for variant in args.variants:
+        rows[variant] = profile(loaded, variant == "fused", args.batches, args.max_seq_len, device)
+        print(f"# {variant}: {rows[variant]}", flush=True)
+        gc.collect()  # the engine's slot cache and graph pools go before the next variant's
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    keys = [k for k in rows[args.variants[0]] if k != "first_tokens"]
+    print(f"\n{'':24}" + "".join(f"{v:>14}" for v in args.variants) + ("   ratio" if len(rows) == 2 else ""))
+    for key in keys:
+        values = [rows[v][key] for v in args.variants]
+        line = f"{key:24}" + "".join(f"{float(x):>14.2f}" for x in values)
+        if len(values) == 2 and float(values[0]):
+            line += f"   {float(values[1]) / float(values[0]):.2f}x"
+        print(line)
+    if len(rows) == 2:
+        a, b = (rows[v]["first_tokens"] for v in args.variants)
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
         print(
-            f"engine, one request: {1000 * (times[-1] - times[0]) / (len(times) - 1):.2f} ms per token",
-            flush=True,
-        )
-        graph = graphs.graphs[graphs.buckets(1, 201)]
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                graph.graph.replay()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
-        pixels = make_requests(loaded, 1)[0][1].to("cuda", torch.bfloat16)
-        vision = timed(lambda: engine._vision(pixels), 10)
-        ids, _ = make_requests(loaded, 1)[0]
-        embeds = engine._vision(pixels)
-        request = type("Waiting", (), {"prompt_ids": ids})()
-        with torch.inference_mode():
-            prefill = timed(lambda: engine._prefill_slots([(request, embeds)], 0), 10)
-        print(
-            f"time to first token parts: vision+abstractor {vision:.2f} ms, prefill of {len(ids)} tokens "
-            f"{prefill:.2f} ms",
-            flush=True,
+            f"greedy tokens of one request agree for the first {same} of {len(a)} ({loaded.dtype}, random weights)"
         )
     return 0
 

@@ -515,7 +515,12 @@ def save_export(model: OwlModel, tokenizer: Any, folder: str | Path) -> Path:
             continue
         if key in _tied_keys(model) and value.data_ptr() == embed_ptr:
             continue
-        state[key] = value.detach().to("cpu").contiguous()
+        value = value.detach().to("cpu").contiguous()
+        if value.untyped_storage().nbytes() != value.numel() * value.element_size():
+            # A view into a larger tensor (the serving engine merges projections that way):
+            # safetensors stores each tensor on its own.
+            value = value.clone()
+        state[key] = value
     save_file(
         state, str(folder / "model.safetensors"), metadata={"format": "pt", "owl_layout": model.config.layout}
     )

@@ -25,6 +25,7 @@ LENGTH_STEP = 256
 class _Graph:
     inputs: torch.Tensor  # (2, bb): tokens, positions
     logits: torch.Tensor  # (bb, V)
+    chosen: torch.Tensor  # (bb,) each row's greedy token, chosen inside the step
     graph: torch.cuda.CUDAGraph | None
 
     @property
@@ -36,15 +37,29 @@ class _Graph:
         return self.inputs[1].view(-1, 1)
 
 
+@dataclass
+class Launched:
+    """A greedy step on its way: its rows' tokens arrive in ``host`` once ``done`` has passed."""
+
+    graph: _Graph
+    batch: int
+    host: torch.Tensor  # (bb,) chosen tokens, copied back without blocking
+    done: torch.cuda.Event | None
+
+
 class DecodeGraphs:
-    def __init__(self, model, cache, *, capture: bool | None = None):
+    def __init__(self, model, cache, *, fused=None, capture: bool | None = None):
         self.model = model
         self.cache = cache
+        self.fused = fused  # owl.fused.FusedLlama, or None: transformers' own forward
         self.capture = model.device.type == "cuda" if capture is None else capture
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.failed = False
         self._staging = torch.zeros(2, cache.slots, dtype=torch.long, pin_memory=self.capture)
+        # Two read-back buffers, used in turn: one step's tokens are read while the next is computed.
+        self._host = [torch.zeros(cache.slots, dtype=torch.long, pin_memory=self.capture) for _ in range(2)]
+        self._turn = 0
 
     def buckets(self, batch: int, longest: int) -> tuple[int, int]:
         size = 1
@@ -55,11 +70,53 @@ class DecodeGraphs:
 
     def run(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         """Logits (B, V) for rows 0..B-1 of the slot cache: each row's token at its position."""
-        batch = len(tokens)
-        key = self.buckets(batch, max(positions) + 1)
+        graph = self._replay(tokens, positions)
+        return graph.logits[: len(tokens)]
+
+    def launch(self, tokens: list[int], positions: list[int]) -> Launched:
+        """Like ``run`` for all-greedy batches, without waiting: the chosen tokens come back later."""
+        return self._read_back(self._replay(tokens, positions), len(tokens))
+
+    def follow(self, previous: Launched, longest: int) -> Launched:
+        """The next step of the same rows, fed on the device by ``previous``'s chosen tokens.
+
+        Nothing waits for ``previous`` to finish. ``longest`` is the last position the new step writes.
+        """
+        key = self.buckets(previous.batch, longest + 1)
+        graph = self._graph(key)
+        inputs = previous.graph.inputs[:, : key[0]]
+        graph.inputs[0].copy_(previous.graph.chosen[: key[0]])
+        # Each live row moves one position on; padded rows (position 0, free slots) stay where they are.
+        graph.inputs[1].copy_(inputs[1] + (inputs[1] > 0))
+        self._play(graph, key[1])
+        return self._read_back(graph, previous.batch)
+
+    def read(self, launched: Launched) -> list[int]:
+        """The tokens chosen by a launched step; waits for it if it is still running."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        return launched.host[: launched.batch].tolist()
+
+    def _read_back(self, graph: _Graph, batch: int) -> Launched:
+        host = self._host[self._turn]
+        self._turn ^= 1
+        host[:batch].copy_(graph.chosen[:batch], non_blocking=True)
+        done = None
+        if self.capture:
+            done = torch.cuda.Event()
+            done.record()
+        return Launched(graph=graph, batch=batch, host=host, done=done)
+
+    def _graph(self, key: tuple[int, int]) -> _Graph:
         graph = self.graphs.get(key)
         if graph is None:
             graph = self.graphs[key] = self._build(*key)
+        return graph
+
+    def _replay(self, tokens: list[int], positions: list[int]) -> _Graph:
+        batch = len(tokens)
+        key = self.buckets(batch, max(positions) + 1)
+        graph = self._graph(key)
         bb = key[0]
         # One host-to-device copy of both inputs, padded rows at token 0, position 0 (free slots).
         staging = self._staging[:, :bb]
@@ -67,20 +124,32 @@ class DecodeGraphs:
         staging[0, :batch] = torch.tensor(tokens)
         staging[1, :batch] = torch.tensor(positions)
         graph.inputs.copy_(staging, non_blocking=True)
+        self._play(graph, key[1])
+        return graph
+
+    def _play(self, graph: _Graph, span: int) -> None:
         if graph.graph is not None:
             graph.graph.replay()
         else:
-            self._step(graph, key[1])
-        return graph.logits[:batch]
+            self._step(graph, span)
 
     def _step(self, graph: _Graph, span: int) -> None:
         bb = graph.tokens.shape[0]
         device = graph.tokens.device
         rows = torch.arange(bb, device=device)
         mask = torch.arange(span, device=device).view(1, 1, 1, -1) <= graph.positions.view(-1, 1, 1, 1)
+        embeds = self.model.embed_text(graph.tokens)
+        if self.fused is not None:
+            hidden = self.fused.hidden(embeds, graph.positions, mask, self.cache, rows, 0)
+            graph.logits.copy_(self.fused.logits(hidden[:, -1]))
+        else:
+            self._transformers_step(graph, embeds, rows, mask, span)
+        graph.chosen.copy_(graph.logits.argmax(dim=-1))
+
+    def _transformers_step(self, graph: _Graph, embeds, rows, mask, span: int) -> None:
         self.cache.set_step(rows, graph.positions, 0, span)
         out = self.model.language_model(
-            inputs_embeds=self.model.embed_text(graph.tokens),
+            inputs_embeds=embeds,
             position_ids=graph.positions,
             attention_mask=mask,
             cache=self.cache,
@@ -96,7 +165,10 @@ class DecodeGraphs:
         # Warm-up and capture write at the last position of the span, which no active row has passed.
         inputs[1].fill_(span - 1)
         graph = _Graph(
-            inputs=inputs, logits=torch.zeros(bb, vocab, dtype=self.model.dtype, device=device), graph=None
+            inputs=inputs,
+            logits=torch.zeros(bb, vocab, dtype=self.model.dtype, device=device),
+            chosen=torch.zeros(bb, dtype=torch.long, device=device),
+            graph=None,
         )
         if not self.capture or self.failed:
             return graph

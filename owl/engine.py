@@ -41,6 +41,7 @@ from owl.errors import (
     RequestTimeout,
     WorkerUnavailable,
 )
+from owl.fused import FusedLlama
 from owl.generation import TextStream, check_context
 from owl.sampling import GenerationParams, choose, make_generator
 
@@ -59,6 +60,10 @@ class EngineSettings:
     # Decode through fixed-shape steps (owl.cuda_graphs): captured as CUDA graphs on a GPU.
     # None: on for CUDA, off on CPU; True on CPU runs the same fixed-shape steps eagerly.
     static_decode: bool | None = None
+    # LLaMA layers through owl.fused (merged projections, one function per layer); None: wherever
+    # the model allows it. compile: that function through torch.compile; None: on CUDA only.
+    fused: bool | None = None
+    compile: bool | None = None
 
 
 @dataclass
@@ -215,7 +220,7 @@ class SlotCache:
             torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)
         ]
         self.slots, self.max_len = slots, max_len
-        self._heads = torch.arange(heads, device=device).view(1, heads, 1)
+        self.head_index = torch.arange(heads, device=device).view(1, heads, 1)
         self.rows = torch.zeros(1, dtype=torch.long, device=device)  # (B,) slots being written
         self.positions = torch.zeros(1, 1, dtype=torch.long, device=device)  # (B, q)
         self.read_start = 0
@@ -226,7 +231,7 @@ class SlotCache:
         self.rows, self.positions, self.read_start, self.read_len = rows, positions, read_start, read_len
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        index = (self.rows.view(-1, 1, 1), self._heads, self.positions.unsqueeze(1))  # (B, h, q)
+        index = (self.rows.view(-1, 1, 1), self.head_index, self.positions.unsqueeze(1))  # (B, h, q)
         self.keys[layer_idx].index_put_(index, key_states)
         self.values[layer_idx].index_put_(index, value_states)
         rows = slice(self.read_start, self.read_start + key_states.shape[0])
@@ -269,6 +274,8 @@ class Engine:
         self._cache: SlotCache | None = None
         self._graphs = None
         self._vision_graphs = None
+        self._fused: FusedLlama | None = None
+        self._flight: tuple[list[_Active], Any] | None = None  # a pipelined step not read yet
         self._running = False
         self._thread: threading.Thread | None = None
         self._restarts = 0
@@ -367,7 +374,7 @@ class Engine:
             log.exception("the model worker died")
             error = WorkerUnavailable(f"the model worker failed ({type(err).__name__}: {err}); please retry")
             pending = self._drain()
-            self._cache = self._graphs = self._vision_graphs = None
+            self._cache = self._graphs = self._vision_graphs = self._flight = None
             with self._cond:
                 restart = self._running
             if restart:  # the replacement runs before anyone hears of the failure
@@ -398,6 +405,8 @@ class Engine:
                     return
                 free = self.max_batch - len(self._active)
                 admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            if admitted:
+                self._land_flight()  # new rows join a batch whose tokens are all read
             self._drop_finished()
             if admitted:
                 self._admit(admitted)
@@ -410,16 +419,32 @@ class Engine:
             self._cache = SlotCache(
                 lm_config, self.max_batch, self.max_seq_len, self.model.device, self.model.dtype
             )
+            if self._fused is None and self.batched:
+                self._fused = self._make_fused()
             static = self.settings.static_decode
             if static is None:
                 static = self.model.device.type == "cuda"
             if static and self.batched:
                 from owl.cuda_graphs import DecodeGraphs, VisionGraphs
 
-                self._graphs = DecodeGraphs(self.model, self._cache)
+                self._graphs = DecodeGraphs(self.model, self._cache, fused=self._fused)
                 if self.model.device.type == "cuda":
                     self._vision_graphs = VisionGraphs(self.model)
         return self._cache
+
+    def _make_fused(self) -> FusedLlama | None:
+        wanted = self.settings.fused
+        if wanted is False:
+            return None
+        why = FusedLlama.supports(self.model.language_model)
+        if why is not None:
+            if wanted:
+                log.warning("fused LLaMA layers are off: %s", why)
+            return None
+        compile = self.settings.compile
+        if compile is None:
+            compile = self.model.device.type == "cuda"
+        return FusedLlama(self.model.language_model, compile=compile)
 
     def _admit(self, admitted: list[_Waiting]) -> None:
         """Encode new requests' images together, prefill them together, and seat them in the batch."""
@@ -500,6 +525,10 @@ class Engine:
         causal = steps.view(1, width, 1) >= steps.view(1, 1, width)  # (1, L, L)
         mask = (causal & valid.view(-1, 1, width)).unsqueeze(1)  # (n, 1, L, L)
         rows = torch.arange(first, first + len(group), device=device)
+        last = (torch.arange(len(group), device=device), torch.tensor(lengths, device=device) - 1)
+        if self._fused is not None:
+            hidden = self._fused.hidden(embeds, positions, mask, self._cache, rows, first)  # (n, L, H)
+            return self._fused.logits(hidden[last])  # (n, V)
         self._cache.set_step(rows, positions, first, width)
         hidden = self.model.language_model.model(
             inputs_embeds=embeds,
@@ -508,8 +537,7 @@ class Engine:
             cache=self._cache,
             use_cache=True,
         ).last_hidden_state  # (n, L, H)
-        last = hidden[torch.arange(len(group), device=device), torch.tensor(lengths, device=device) - 1]
-        return self.model.language_model.lm_head(last)  # (n, V)
+        return self.model.language_model.lm_head(hidden[last])  # (n, V)
 
     def _prefill_dynamic(self, prompt_ids: list[int], image_embeds: torch.Tensor):
         """Prefill for language models decoded one at a time (BLOOM), with transformers' own cache."""
@@ -653,6 +681,8 @@ class Engine:
 
     def _drop_finished(self) -> None:
         """Remove finished, cancelled and timed-out requests; compact the slots they held."""
+        if self._flight is not None and any(self._leaving(r) for r in self._flight[0]):
+            self._land_flight()  # its rows are laid out as before the compaction
         now = time.monotonic()
         with self._cond:
             active = list(self._active)
@@ -674,6 +704,9 @@ class Engine:
                 keep.append(request)
         if len(keep) == len(active):
             return
+        if self._flight is not None:  # a request left since the check above (cancelled meanwhile)
+            self._land_flight()
+            return self._drop_finished()
         if self.batched and self._cache is not None:
             old_slots = {id(r): i for i, r in enumerate(active)}
             for new_slot, request in enumerate(keep):
@@ -683,24 +716,28 @@ class Engine:
         with self._cond:
             self._active = keep
 
+    def _leaving(self, request: _Active) -> bool:
+        handle = request.handle
+        return (
+            handle.done.is_set()
+            or handle.cancelled
+            or (request.deadline is not None and time.monotonic() > request.deadline)
+        )
+
     @torch.inference_mode()
     def _decode_step(self) -> None:
         self._drop_finished()
         active = list(self._active)
         if not active:
             return
+        if self._can_pipeline(active):
+            return self._pipelined_step(active)
+        if self._flight is not None:
+            return self._land_flight()
         try:
             logits = self._batched_logits(active) if self.batched else self._serial_logits(active[0])
         except Exception as err:
-            if isinstance(err, torch.OutOfMemoryError):
-                # Shed the longest request (it holds the most memory) and let the others go on.
-                victim = max(active, key=lambda r: r.position)
-                self._fail(victim.handle, err)
-            else:
-                for request in active:
-                    self._fail(request.handle, err)
-            self._drop_finished()
-            return
+            return self._step_failed(active, err)
         tokens = self._choose(active, logits)
         for request, token in zip(active, tokens, strict=True):
             request.position += 1
@@ -709,6 +746,70 @@ class Engine:
             try:
                 self._accept(request, token)
             except Exception as err:
+                self._fail(request.handle, err)
+        self._drop_finished()
+
+    def _can_pipeline(self, active: list[_Active]) -> bool:
+        """All-greedy batches on fixed-shape steps: the next step can start before this one is read."""
+        return (
+            self._graphs is not None
+            and not any(r.params.do_sample or r.params.repetition_penalty != 1.0 for r in active)
+            and not any(r.params.no_repeat_ngram_size for r in active)
+            # The step after next must still fit: a pipelined step may run one past a request's end.
+            and max(r.position for r in active) + 2 < self._cache.max_len
+        )
+
+    def _pipelined_step(self, active: list[_Active]) -> None:
+        """Start the next step, then read and stream the one before it while the device works.
+
+        Rows keep their order while a step is in flight: anything that would change the batch
+        (an admission, a finished or cancelled request) lands the flight first (``_land_flight``).
+        The step started after a request's last token computes one token too many for it; that
+        token is dropped when it lands.
+        """
+        previous = self._flight
+        try:
+            if previous is not None and [id(r) for r in previous[0]] == [id(r) for r in active]:
+                launched = self._graphs.follow(previous[1], max(r.position for r in active) + 1)
+            else:
+                if previous is not None:
+                    return self._land_flight()
+                launched = self._graphs.launch([r.last_token for r in active], [r.position for r in active])
+        except Exception as err:
+            if previous is not None:
+                self._land_flight()
+            return self._step_failed(active, err)
+        self._flight = (active, launched)
+        if previous is not None:
+            self._land(*previous)
+        self._drop_finished()
+
+    def _land_flight(self) -> None:
+        flight, self._flight = self._flight, None
+        if flight is not None:
+            self._land(*flight)
+
+    def _land(self, requests: list[_Active], launched) -> None:
+        try:
+            tokens: list[int | None] = self._graphs.read(launched)
+        except Exception as err:
+            return self._step_failed(requests, err)
+        for request, token in zip(requests, tokens, strict=True):
+            if request.handle.done.is_set() or request.handle.cancelled:
+                continue  # finished while this step was in flight: its token is one too many
+            request.position += 1
+            try:
+                self._accept(request, token)
+            except Exception as err:
+                self._fail(request.handle, err)
+
+    def _step_failed(self, active: list[_Active], err: Exception) -> None:
+        if isinstance(err, torch.OutOfMemoryError):
+            # Shed the longest request (it holds the most memory) and let the others go on.
+            victim = max(active, key=lambda r: r.position)
+            self._fail(victim.handle, err)
+        else:
+            for request in active:
                 self._fail(request.handle, err)
         self._drop_finished()
 
@@ -722,9 +823,15 @@ class Engine:
         read_len = max(positions) + 1
         keys = torch.arange(read_len, device=device).view(1, 1, 1, -1)
         mask = keys <= position_ids.view(-1, 1, 1, 1)  # (B, 1, 1, read_len): each row sees its own prefix
-        self._cache.set_step(torch.arange(len(active), device=device), position_ids, 0, read_len)
+        rows = torch.arange(len(active), device=device)
+        embeds = self.model.embed_text(torch.tensor(tokens, device=device).view(-1, 1))
+        if self._fused is not None:
+            return self._fused.logits(
+                self._fused.hidden(embeds, position_ids, mask, self._cache, rows, 0)[:, -1]
+            )
+        self._cache.set_step(rows, position_ids, 0, read_len)
         out = self.model.language_model(
-            inputs_embeds=self.model.embed_text(torch.tensor(tokens, device=device).view(-1, 1)),
+            inputs_embeds=embeds,
             position_ids=position_ids,
             attention_mask=mask,
             cache=self._cache,

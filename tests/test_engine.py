@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
@@ -37,8 +38,9 @@ def alone(loaded, ids, pixels, params) -> list[int]:
     return stats.tokens
 
 
-def test_stop_ends_generation_within_one_step_and_frees_the_slot(loaded):
-    with Engine(loaded, EngineSettings(max_batch=1, queue_size=4)) as engine:
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "fixed-shape-pipelined"])
+def test_stop_ends_generation_within_one_step_and_frees_the_slot(loaded, static):
+    with Engine(loaded, EngineSettings(max_batch=1, queue_size=4, static_decode=static)) as engine:
         first = engine.submit(*request(loaded, 1), LONG)
         second = engine.submit(*request(loaded, 2), SHORT)
         stream = iter(first)
@@ -78,6 +80,44 @@ def test_full_queue_answers_at_once_with_the_queue_length(loaded):
         assert engine.status()["requests_failed"] == {"queue_full": 1}
 
 
+def test_pipelined_steps_give_the_same_answers_as_alone_while_the_batch_changes(loaded, monkeypatch):
+    """Greedy fixed-shape steps start before the last one is read (on a GPU: while the CPU streams).
+
+    Requests of different lengths finish at different steps, later ones join the running batch,
+    one is cancelled mid-way and one ends at the very end of its context: every answer is still
+    exactly the one it gets alone, and no token past a request's end is streamed.
+    """
+    from owl.cuda_graphs import DecodeGraphs
+
+    followed = []
+    follow = DecodeGraphs.follow
+    monkeypatch.setattr(DecodeGraphs, "follow", lambda self, *a: followed.append(1) or follow(self, *a))
+    requests = [request(loaded, seed, images=seed % 2) for seed in range(30, 36)]
+    budgets = [5, 40, 17, 40, 9, 200]
+    expected = [
+        alone(loaded, ids, pixels, GenerationParams(max_new_tokens=n, ignore_eos=True))
+        for (ids, pixels), n in zip(requests, budgets, strict=True)
+    ]
+    settings = EngineSettings(max_batch=3, queue_size=8, static_decode=True, max_seq_len=96)
+    with Engine(loaded, settings) as engine:
+        handles = [
+            engine.submit(ids, pixels, GenerationParams(max_new_tokens=n, ignore_eos=True))
+            for (ids, pixels), n in zip(requests, budgets, strict=True)
+        ]
+        cancelled = engine.submit(*request(loaded, 40), LONG)
+        stream = iter(cancelled)
+        next(stream)
+        cancelled.cancel()
+        texts = [h.text() for h in handles]
+        assert cancelled.done.wait(5) and cancelled.stats.finish_reason == "cancelled"
+    # The last request asked for more than its context holds: it ends at the context's end.
+    room = 96 - len(requests[5][0])
+    assert handles[5].stats.completion_tokens == room and expected[5][:room] == handles[5].stats.tokens
+    assert [h.stats.tokens for h in handles[:5]] == expected[:5]
+    assert [h.stats.completion_tokens for h in handles[:5]] == budgets[:5] and all(texts)
+    assert followed  # the pipelined path really ran
+
+
 def test_batched_greedy_answers_equal_the_same_requests_alone(loaded):
     requests = [request(loaded, seed, images=seed % 3) for seed in range(7)]
     params = GenerationParams(max_new_tokens=30, ignore_eos=True)
@@ -102,15 +142,14 @@ def test_requests_that_arrive_together_are_prefilled_in_one_pass(loaded):
 
     prefills = []
 
-    def record(module, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is not None and embeds.shape[1] > 1:
-            prefills.append(tuple(embeds.shape[:2]))
+    def record(module, args):
+        if args[0].shape[1] > 1:  # token ids (n, L): a prefill; decode steps embed (B, 1)
+            prefills.append(tuple(args[0].shape))
 
     requests = [request(loaded, seed, images=seed % 3) for seed in range(20, 24)]
     params = GenerationParams(max_new_tokens=16, ignore_eos=True)
     expected = [alone(loaded, ids, pixels, params) for ids, pixels in requests]
-    hook = loaded.model.language_model.model.register_forward_pre_hook(record, with_kwargs=True)
+    hook = loaded.model.language_model.get_input_embeddings().register_forward_pre_hook(record)
     try:
         with Engine(loaded, EngineSettings(max_batch=4), fault_hook=fault) as engine:
             handles = [engine.submit(*requests[0], params)]
@@ -201,7 +240,12 @@ def test_a_dead_worker_fails_pending_requests_and_is_replaced(loaded):
 
 
 def test_requests_over_their_time_limit_are_stopped(loaded):
-    with Engine(loaded, EngineSettings(max_batch=2, request_timeout_s=0.2)) as engine:
+    def slow_tokens(handle, phase):  # 250 tokens take over 1 s, however fast the model is
+        if phase == "token":
+            time.sleep(0.005)
+
+    settings = EngineSettings(max_batch=2, request_timeout_s=0.2)
+    with Engine(loaded, settings, fault_hook=slow_tokens) as engine:
         slow = engine.submit(*request(loaded, 2), GenerationParams(max_new_tokens=250, ignore_eos=True))
         with pytest.raises(RequestTimeout, match="longer than 0.2 s"):
             slow.text()

@@ -1,0 +1,222 @@
+"""The LLaMA language model over the engine's slot cache, as one plain function per decoder layer.
+
+transformers' ``LlamaDecoderLayer`` launches about fifty small kernels per layer and token
+(RMSNorm alone is eight: cast, square, mean, add, rsqrt, multiply, cast, scale), so a 7B
+decode step spends more GPU time between its matrix products than in them. Here a layer is
+one function of plain tensors, with the q/k/v projections merged into one product and gate/up
+into another. The weights stay the model's own: the merged matrices are new storage, and each
+original ``nn.Linear`` weight becomes a view into it, so no memory is added and the model still
+answers through transformers as before.
+
+Because every layer has the same shapes, ``torch.compile`` traces the function once and reuses
+it for all layers; Inductor fuses each run of element-wise work (norm, rotary embedding with the
+cache write, SiLU-and-multiply, residual add) into one kernel. Eager, the function computes
+exactly what transformers' layer does, op for op, which is how the tests check it on CPU.
+
+Data flow of one layer, B rows of Q new tokens, writing rows ``rows`` of the cache and reading
+rows ``first .. first + B - 1`` up to ``span`` positions::
+
+    h (B, Q, D) → RMSNorm → [q | k | v] = x W_qkv → rotary(q, k) → k, v into the cache
+      → SDPA(q, cache keys, cache values, mask) → W_o → + h
+      → RMSNorm → [gate | up] = x W_gu → SiLU(gate) · up → W_down → + h
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA's RMSNorm: computed in float32, cast back, then scaled (the order transformers uses)."""
+    x = h.to(torch.float32)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(h.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def decoder_layer(
+    h: torch.Tensor,  # (B, Q, D)
+    cos: torch.Tensor,  # (B, 1, Q, d)
+    sin: torch.Tensor,  # (B, 1, Q, d)
+    mask: torch.Tensor,  # (B, 1, Q, span) bool: which cached positions each new token sees
+    write: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # cache index of each new (row, head, token)
+    keys: torch.Tensor,  # (slots, heads, max_len, d) this layer's cache, written in place
+    values: torch.Tensor,
+    first: int,
+    span: int,
+    weights: tuple[torch.Tensor, ...],  # norm1, qkv, o, norm2, gate_up, down
+    eps: float,
+    heads: int,
+    scale: float,
+) -> torch.Tensor:
+    norm1, qkv_weight, o_weight, norm2, gate_up_weight, down_weight = weights
+    batch, length, width = h.shape
+    x = rms_norm(h, norm1, eps)
+    qkv = F.linear(x, qkv_weight).view(batch, length, 3 * heads, -1).transpose(1, 2)  # (B, 3h, Q, d)
+    q, k, v = qkv.split(heads, dim=1)
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    keys.index_put_(write, k)
+    values.index_put_(write, v)
+    rows = slice(first, first + batch)
+    attended = F.scaled_dot_product_attention(
+        q, keys[rows, :, :span], values[rows, :, :span], attn_mask=mask, dropout_p=0.0, scale=scale
+    )  # (B, h, Q, d)
+    h = h + F.linear(attended.transpose(1, 2).reshape(batch, length, width), o_weight)
+    gate, up = F.linear(rms_norm(h, norm2, eps), gate_up_weight).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, down_weight)
+
+
+def _merge(linears: list[nn.Linear]) -> torch.Tensor:
+    """One weight matrix for several projections of the same input; each keeps a view of its rows.
+
+    Merged once per model: a second engine on the same model finds the views in place and reuses them.
+    """
+    merged = getattr(linears[0], "_owl_merged", None)
+    if merged is not None and _views_of(merged, linears):
+        return merged
+    merged = torch.cat([linear.weight.detach() for linear in linears])
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight.data = merged[start : start + rows]
+        start += rows
+    linears[0]._owl_merged = merged
+    return merged
+
+
+def _views_of(merged: torch.Tensor, linears: list[nn.Linear]) -> bool:
+    start = 0
+    for linear in linears:
+        weight = linear.weight
+        if weight.data_ptr() != merged[start].data_ptr() or weight.shape[1:] != merged.shape[1:]:
+            return False
+        start += weight.shape[0]
+    return start == merged.shape[0]
+
+
+class FusedLlama:
+    """The slot-cache forward of a ``LlamaForCausalLM`` through ``decoder_layer``."""
+
+    def __init__(self, language_model, *, compile: bool = False):
+        config = language_model.config
+        self.lm = language_model
+        self.eps = config.rms_norm_eps
+        self.heads = config.num_attention_heads
+        self.scale = language_model.model.layers[0].self_attn.scaling
+        self.layers = []
+        with torch.no_grad():
+            for layer in language_model.model.layers:
+                attention, mlp = layer.self_attn, layer.mlp
+                self.layers.append(
+                    (
+                        layer.input_layernorm.weight,
+                        _merge([attention.q_proj, attention.k_proj, attention.v_proj]),
+                        attention.o_proj.weight,
+                        layer.post_attention_layernorm.weight,
+                        _merge([mlp.gate_proj, mlp.up_proj]),
+                        mlp.down_proj.weight,
+                    )
+                )
+        self.layer = decoder_layer
+        self.norm = rms_norm
+        self.compiled = False
+        if compile:
+            # One trace serves every layer (same shapes); batch size, span and prompt length become
+            # symbolic after their first change, so a handful of compilations cover all steps.
+            # Dynamo's default of 8 compilations per function is too few for the 0/1 and
+            # size specialisations of batch, prompt length and slot offset; past the limit it
+            # would quietly run new shapes eagerly.
+            limit = getattr(torch._dynamo.config, "recompile_limit", 8)
+            torch._dynamo.config.recompile_limit = max(limit, 64)
+            self.layer = torch.compile(decoder_layer, fullgraph=True)
+            self.norm = torch.compile(rms_norm, fullgraph=True)
+            self.compiled = True
+
+    @staticmethod
+    def supports(language_model) -> str | None:
+        """None if ``FusedLlama`` computes this model exactly; else why not."""
+        from transformers import LlamaForCausalLM
+
+        if not isinstance(language_model, LlamaForCausalLM):
+            return f"{type(language_model).__name__} is not LlamaForCausalLM"
+        config = language_model.config
+        if config.num_key_value_heads != config.num_attention_heads:
+            return "grouped-query attention"
+        if config.hidden_act != "silu":
+            return f"activation {config.hidden_act}"
+        for layer in language_model.model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            for linear in (
+                attention.q_proj,
+                attention.k_proj,
+                attention.v_proj,
+                attention.o_proj,
+                mlp.gate_proj,
+                mlp.up_proj,
+                mlp.down_proj,
+            ):
+                if type(linear) is not nn.Linear:
+                    return f"{type(linear).__name__} projections (quantized weights)"
+                if linear.bias is not None:
+                    return "projections with a bias"
+        return None
+
+    def hidden(
+        self,
+        embeds: torch.Tensor,  # (B, Q, D)
+        positions: torch.Tensor,  # (B, Q)
+        mask: torch.Tensor,  # (B, 1, Q, span)
+        cache,
+        rows: torch.Tensor,  # (B,) cache slots written
+        first: int,  # slots read: first .. first + B - 1
+    ) -> torch.Tensor:
+        """The final-normed hidden states (B, Q, D); every layer's keys and values land in the cache."""
+        span = mask.shape[-1]
+        cos, sin = self.lm.model.rotary_emb(embeds, positions)  # (B, Q, d) each
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        write = (rows.view(-1, 1, 1), cache.head_index, positions.unsqueeze(1))  # (B, h, Q)
+        try:
+            return self._forward(embeds, cos, sin, mask, write, cache, first, span)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            if not self.compiled:
+                raise
+            # A compiler failure must not take serving down: the same function runs eagerly.
+            log.exception("compiled LLaMA layers failed; running them eagerly from now on")
+            self.layer, self.norm, self.compiled = decoder_layer, rms_norm, False
+            return self._forward(embeds, cos, sin, mask, write, cache, first, span)
+
+    def _forward(self, embeds, cos, sin, mask, write, cache, first: int, span: int) -> torch.Tensor:
+        h = embeds
+        for index, weights in enumerate(self.layers):
+            h = self.layer(
+                h,
+                cos,
+                sin,
+                mask,
+                write,
+                cache.keys[index],
+                cache.values[index],
+                first,
+                span,
+                weights,
+                self.eps,
+                self.heads,
+                self.scale,
+            )
+        return self.norm(h, self.lm.model.norm.weight, self.eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.lm_head(hidden)
