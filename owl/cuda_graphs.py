@@ -19,6 +19,10 @@ import torch
 log = logging.getLogger(__name__)
 
 LENGTH_STEP = 256
+# A lone prompt on an idle engine (the time to first token everyone sees) is prefilled by a
+# captured graph too, its length padded up to a multiple of PREFILL_STEP, up to PREFILL_MAX.
+PREFILL_STEP = 64
+PREFILL_MAX = 2048
 
 
 @dataclass
@@ -38,6 +42,14 @@ class _Graph:
 
 
 @dataclass
+class _Prefill:
+    embeds: torch.Tensor  # (1, Lb, D) the prompt's embeddings, zero-padded
+    length: torch.Tensor  # (1,) its real length
+    logits: torch.Tensor  # (1, V) at its last real token
+    graph: torch.cuda.CUDAGraph | None
+
+
+@dataclass
 class Launched:
     """A greedy step on its way: its rows' tokens arrive in ``host`` once ``done`` has passed."""
 
@@ -54,6 +66,7 @@ class DecodeGraphs:
         self.fused = fused  # owl.fused.FusedLlama, or None: transformers' own forward
         self.capture = model.device.type == "cuda" if capture is None else capture
         self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.prefills: dict[int, _Prefill] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.failed = False
         self._staging = torch.zeros(2, cache.slots, dtype=torch.long, pin_memory=self.capture)
@@ -96,6 +109,51 @@ class DecodeGraphs:
         if launched.done is not None:
             launched.done.synchronize()
         return launched.host[: launched.batch].tolist()
+
+    def prefill(self, embeds: torch.Tensor) -> torch.Tensor | None:
+        """Logits (1, V) at the last of one prompt's embeddings (1, L, D), its keys and values in slot 0.
+
+        Only for an idle engine: slot 0 must be free, since the padded positions past the prompt
+        are written too (the decode steps overwrite them before anything attends to them).
+        None when no graph serves this prompt (transformers' layers, or a prompt too long).
+        """
+        length = embeds.shape[1]
+        bucket = -(-length // PREFILL_STEP) * PREFILL_STEP
+        if self.fused is None or bucket > min(PREFILL_MAX, self.cache.max_len):
+            return None
+        entry = self.prefills.get(bucket)
+        if entry is None:
+            entry = self.prefills[bucket] = self._build_prefill(bucket)
+        entry.embeds[:, :length].copy_(embeds)
+        entry.embeds[:, length:].zero_()
+        entry.length.fill_(length)
+        if entry.graph is not None:
+            entry.graph.replay()
+        else:
+            self._prefill_step(entry)
+        return entry.logits
+
+    def _prefill_step(self, entry: _Prefill) -> None:
+        width = entry.embeds.shape[1]
+        steps = torch.arange(width, device=entry.embeds.device)
+        causal = steps.view(1, width, 1) >= steps.view(1, 1, width)
+        mask = (causal & (steps < entry.length).view(1, 1, width)).unsqueeze(1)  # (1, 1, Lb, Lb)
+        rows = torch.zeros(1, dtype=torch.long, device=steps.device)
+        hidden = self.fused.hidden(entry.embeds, steps.view(1, -1), mask, self.cache, rows, 0)
+        entry.logits.copy_(self.fused.logits(hidden[0].index_select(0, entry.length - 1)))
+
+    def _build_prefill(self, width: int) -> _Prefill:
+        device = self.model.device
+        entry = _Prefill(
+            embeds=torch.zeros(
+                1, width, self.model.config.text["hidden_size"], dtype=self.model.dtype, device=device
+            ),
+            length=torch.full((1,), width, dtype=torch.long, device=device),
+            logits=torch.zeros(1, self.model.config.vocab_size, dtype=self.model.dtype, device=device),
+            graph=None,
+        )
+        entry.graph = self._capture(lambda: self._prefill_step(entry), f"a prefill graph for {width} tokens")
+        return entry
 
     def _read_back(self, graph: _Graph, batch: int) -> Launched:
         host = self._host[self._turn]
@@ -170,24 +228,31 @@ class DecodeGraphs:
             chosen=torch.zeros(bb, dtype=torch.long, device=device),
             graph=None,
         )
+        graph.graph = self._capture(
+            lambda: self._step(graph, span), f"a decode graph for batch {bb}, span {span}"
+        )
+        return graph
+
+    def _capture(self, step, what: str) -> torch.cuda.CUDAGraph | None:
+        """``step`` warmed up twice (compiling it for these shapes), then captured; None if it cannot be."""
         if not self.capture or self.failed:
-            return graph
+            return None
         try:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._step(graph, span)
+                    step()
             torch.cuda.current_stream().wait_stream(stream)
             cuda_graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(cuda_graph, pool=self.pool):
-                self._step(graph, span)
-            graph.graph = cuda_graph
-            log.info("captured a decode graph for batch %d, span %d", bb, span)
+                step()
         except Exception:
-            log.exception("CUDA graph capture failed; decoding eagerly")
+            log.exception("CUDA graph capture failed; running steps eagerly")
             self.failed = True
-        return graph
+            return None
+        log.info("captured %s", what)
+        return cuda_graph
 
 
 class VisionGraphs:

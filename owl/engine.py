@@ -519,6 +519,10 @@ class Engine:
             ids[row, : lengths[row]] = torch.tensor(waiting.prompt_ids)
         images = [embeds for _, embeds in group if embeds.numel()]
         embeds = self.model.embed(ids.to(device), torch.cat(images) if images else None)
+        if self._graphs is not None and first == 0 and len(group) == 1:
+            logits = self._graphs.prefill(embeds)  # a lone prompt on an idle engine: a captured graph
+            if logits is not None:
+                return logits
         steps = torch.arange(width, device=device)
         positions = steps.expand(len(group), width)
         valid = positions < torch.tensor(lengths, device=device).view(-1, 1)  # (n, L) real tokens

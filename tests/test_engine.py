@@ -118,6 +118,21 @@ def test_pipelined_steps_give_the_same_answers_as_alone_while_the_batch_changes(
     assert followed  # the pipelined path really ran
 
 
+def test_a_lone_prompt_on_an_idle_engine_is_prefilled_in_a_fixed_shape_step(loaded):
+    """On a GPU that step is a captured graph per 64-token length bucket; the answers do not change."""
+    requests = [request(loaded, seed, images=images) for seed, images in ((50, 0), (51, 3), (52, 6))]
+    params = GenerationParams(max_new_tokens=20, ignore_eos=True)
+    with Engine(loaded, EngineSettings(max_batch=2, static_decode=True)) as engine:
+        got = [engine.submit(ids, pixels, params) for ids, pixels in requests[:1]]
+        got[0].text()
+        for ids, pixels in requests[1:]:  # one at a time, so each finds the engine idle
+            got.append(engine.submit(ids, pixels, params))
+            got[-1].text()
+        buckets = sorted(engine._graphs.prefills)
+    assert [h.stats.tokens for h in got] == [alone(loaded, ids, pixels, params) for ids, pixels in requests]
+    assert buckets == sorted({-(-len(ids) // 64) * 64 for ids, _ in requests}) and len(buckets) > 1
+
+
 def test_batched_greedy_answers_equal_the_same_requests_alone(loaded):
     requests = [request(loaded, seed, images=seed % 3) for seed in range(7)]
     params = GenerationParams(max_new_tokens=30, ignore_eos=True)
