@@ -2,11 +2,15 @@
 
 Requests enter a bounded queue and come back as a stream of text deltas (``RequestHandle``,
 iterable synchronously and asynchronously). Between decode steps the worker admits waiting
-requests: their images are encoded together, each prompt is prefilled on its own, and its
-keys and values are copied into a slot of a preallocated cache. Every step then decodes one
-token for all active requests at once, each at its own position (``SlotCache``), with its own
-sampling parameters. A cancelled request (Stop, closed tab, timeout) leaves at the next step
-and its slot goes to the next in line.
+requests: their images are encoded together and their prompts prefilled together, straight
+into free slots of a preallocated cache. Every step then decodes one token for all active
+requests at once, each at its own position (``SlotCache``), with its own sampling parameters.
+A cancelled request (Stop, closed tab, timeout) leaves at the next step and its slot goes to
+the next in line.
+
+LLaMA layers run through ``owl.fused`` (compiled on a GPU); on a GPU the decode steps, the
+vision encoder and a lone prompt's prefill are CUDA graphs (``owl.cuda_graphs``), and an
+all-greedy batch starts each step before the previous one's tokens are read and streamed.
 
 Failures are specific (``owl.errors``) and local: a request whose prefill, sampling or
 decoding fails gets its own error while the others go on; out-of-memory frees the cache and
@@ -33,6 +37,7 @@ from typing import Any
 
 import torch
 
+from owl.config import IMAGE_TOKEN_ID
 from owl.errors import (
     OutOfMemory,
     OwlError,
@@ -334,6 +339,22 @@ class Engine:
             self.metrics.submitted += 1
             self._cond.notify_all()
         return handle
+
+    def warm_up(self) -> float:
+        """Serve a few short requests (one alone, then two together) so that compilation and graph
+        capture for the first shapes happen now rather than in someone's first answer; seconds taken."""
+        started = time.monotonic()
+        config = self.model.config
+        prompt = [self.tokenizer.bos_token_id, *[IMAGE_TOKEN_ID] * config.num_image_tokens, *range(10, 40)]
+        size = config.vision.image_size
+        pixels = torch.zeros(1, 3, size, size)
+        params = GenerationParams(max_new_tokens=4, do_sample=False, ignore_eos=True)
+        for together in (1, min(2, self.max_batch)):
+            handles = [self.submit(prompt, pixels, params) for _ in range(together)]
+            for handle in handles:
+                handle.text()
+        self.metrics = EngineMetrics()  # nobody was served yet
+        return time.monotonic() - started
 
     def submit_conversation(self, conversation, params: GenerationParams) -> RequestHandle:
         """Tokenise and load the images in the caller's thread, then queue."""

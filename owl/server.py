@@ -188,8 +188,13 @@ def start(settings: Settings):
             max_batch=settings.max_batch,
             queue_size=settings.queue_size,
             request_timeout_s=settings.request_timeout_s,
+            compile=None if settings.compile else False,
         ),
     ).start()
+    if loaded.device.type == "cuda":
+        # Compile and capture the first shapes now, not while the first visitor waits.
+        log.info("warming up the engine (compiling, capturing CUDA graphs)")
+        log.info("warmed up in %.0f s", engine.warm_up())
     return loaded, engine
 
 

@@ -38,6 +38,7 @@ class Settings:
     queue_size: int = 32
     max_batch: int = 8
     request_timeout_s: float = 300.0
+    compile: bool = True  # on a GPU: compile the LLaMA layers (about half a minute, at start)
     # limits, each with its own message
     max_images: int = 8  # per conversation
     max_images_per_turn: int = 4

@@ -133,6 +133,29 @@ def test_a_lone_prompt_on_an_idle_engine_is_prefilled_in_a_fixed_shape_step(load
     assert buckets == sorted({-(-len(ids) // 64) * 64 for ids, _ in requests}) and len(buckets) > 1
 
 
+def test_warm_up_builds_the_first_shapes_before_anyone_asks_and_counts_no_one(loaded):
+    with Engine(loaded, EngineSettings(max_batch=2, static_decode=True)) as engine:
+        assert engine.warm_up() > 0
+        assert sorted({batch for batch, _ in engine._graphs.graphs}) == [1, 2]  # alone and two together
+        assert engine._graphs.prefills  # the lone prompt's prefill step too
+        status = engine.status()
+        assert status["requests_completed"] == 0 and status["requests_submitted"] == 0
+        params = GenerationParams(max_new_tokens=6, ignore_eos=True)
+        ids, pixels = request(loaded, 60)
+        handle = engine.submit(ids, pixels, params)
+        handle.text()
+    assert handle.stats.tokens == alone(loaded, ids, pixels, params)
+
+
+def test_compiling_can_be_turned_off_from_the_command_line_and_the_environment():
+    import app
+    from owl.settings import load_settings
+
+    assert load_settings(app.parse_args([]), environ={}).compile is True
+    assert load_settings(app.parse_args(["--no-compile"]), environ={}).compile is False
+    assert load_settings(app.parse_args([]), environ={"OWL_COMPILE": "0"}).compile is False
+
+
 def test_batched_greedy_answers_equal_the_same_requests_alone(loaded):
     requests = [request(loaded, seed, images=seed % 3) for seed in range(7)]
     params = GenerationParams(max_new_tokens=30, ignore_eos=True)

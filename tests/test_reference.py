@@ -65,3 +65,36 @@ def test_greedy_tokens_match_token_for_token(release, case):
     tokenizer = ByteTokenizer(model.config.vocab_size)
     list(stream_generate(model, tokenizer, prompt, cases.get(f"{case}.pixel_values"), params, stats=stats))
     assert stats.tokens == expected[1:]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "fixed-shape"])
+def test_the_engine_reproduces_all_cases_at_once(release, static):
+    """Through the serving engine's own LLaMA layers (owl.fused), batched, as a server answers."""
+    from owl.checkpoint import Loaded
+    from owl.engine import Engine, EngineSettings
+    from owl.processing import ImageProcessor
+
+    _, model, cases = release
+    loaded = Loaded(
+        model=model,
+        tokenizer=ByteTokenizer(model.config.vocab_size),
+        processor=ImageProcessor(model.config.vision.image_size),
+        config=model.config,
+        name="reference",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+    expected = [cases[f"{case}.generated"][0].tolist()[1:] for case in CASES]
+    with Engine(loaded, EngineSettings(max_batch=len(CASES), static_decode=static)) as engine:
+        handles = [
+            engine.submit(
+                cases[f"{case}.input_ids"][0].tolist(),
+                cases.get(f"{case}.pixel_values"),
+                GenerationParams(max_new_tokens=len(tokens)),
+            )
+            for case, tokens in zip(CASES, expected, strict=True)
+        ]
+        for handle in handles:
+            handle.text()
+        assert engine._fused is not None
+    assert [h.stats.tokens for h in handles] == expected
