@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> dict:
         dest="compile",
         action="store_false",
         default=None,
-        help="on a GPU, skip compiling the LLaMA layers (starts faster, decodes about 1.4x slower)",
+        help="on a GPU, skip compiling the LLaMA layers (starts about half a minute sooner, decodes slower)",
     )
     server.add_argument("--max-images", dest="max_images", type=int, help="images per conversation")
     server.add_argument(

@@ -279,7 +279,7 @@ class Engine:
         self._cache: SlotCache | None = None
         self._graphs = None
         self._vision_graphs = None
-        self._fused: FusedLlama | None = None
+        self._fused = self._make_fused() if self.batched else None
         self._flight: tuple[list[_Active], Any] | None = None  # a pipelined step not read yet
         self._running = False
         self._thread: threading.Thread | None = None
@@ -384,6 +384,7 @@ class Engine:
             "max_batch": self.max_batch,
             "queue_size": self.settings.queue_size,
             "worker_restarts": self._restarts,
+            "layers": self._layers(),
             **self.metrics.snapshot(),
         }
 
@@ -440,8 +441,6 @@ class Engine:
             self._cache = SlotCache(
                 lm_config, self.max_batch, self.max_seq_len, self.model.device, self.model.dtype
             )
-            if self._fused is None and self.batched:
-                self._fused = self._make_fused()
             static = self.settings.static_decode
             if static is None:
                 static = self.model.device.type == "cuda"
@@ -452,6 +451,12 @@ class Engine:
                 if self.model.device.type == "cuda":
                     self._vision_graphs = VisionGraphs(self.model)
         return self._cache
+
+    def _layers(self) -> str:
+        """How the language model's layers run: fused and compiled, fused, or transformers' own."""
+        if self._fused is None:
+            return "transformers"
+        return "fused, compiled" if self._fused.compiled else "fused"
 
     def _make_fused(self) -> FusedLlama | None:
         wanted = self.settings.fused

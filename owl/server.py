@@ -104,6 +104,7 @@ def ops_router(engine, info: dict) -> APIRouter:
             "device": info["device"],
             "queue_depth": status["queue_depth"],
             "active": status["active"],
+            "layers": status["layers"],
         }
         return JSONResponse(body, status_code=200 if status["alive"] else 503)
 

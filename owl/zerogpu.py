@@ -92,6 +92,7 @@ class DirectEngine:
             "queue_size": self.settings.queue_size,
             "worker_restarts": 0,
             "mode": "zerogpu",
+            "layers": "transformers",  # each answer is one generate() inside its GPU call
             **self.metrics.snapshot(),
         }
 

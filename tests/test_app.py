@@ -105,7 +105,7 @@ def test_too_many_images_in_one_message(client):
 
 def test_health_and_metrics(random_server):
     health = get_json(f"{random_server.url}/health")
-    assert health == {**health, "status": "ok", "model": "tiny", "device": "cpu"}
+    assert health == {**health, "status": "ok", "model": "tiny", "device": "cpu", "layers": "fused"}
     metrics = urllib.request.urlopen(f"{random_server.url}/metrics", timeout=5).read().decode()
     for name in (
         "owl_up 1.0",

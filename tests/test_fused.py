@@ -12,11 +12,11 @@ from torch import nn
 from owl.checkpoint import load, save_export
 from owl.engine import Engine, EngineSettings, SlotCache
 from owl.fused import FusedLlama
-from owl.generation import GenerationStats, stream_generate
 from owl.model import OwlModel
 from owl.processing import encode_prompt
 from owl.sampling import GenerationParams
 from tests.conftest import make_tiny
+from tests.test_engine import alone
 
 
 @pytest.fixture
@@ -99,17 +99,13 @@ def test_compiled_layers_give_the_same_answers_batched_as_alone(tiny_loaded):
     """torch.compile of the layer function (Inductor's C++ backend here, Triton on a GPU)."""
     requests = [request(tiny_loaded.tokenizer, seed) for seed in range(3)]
     params = GenerationParams(max_new_tokens=24, ignore_eos=True)
-    expected = []
-    for ids, pixels in requests:
-        stats = GenerationStats()
-        list(stream_generate(tiny_loaded.model, tiny_loaded.tokenizer, ids, pixels, params, stats=stats))
-        expected.append(stats.tokens)
+    expected = [alone(tiny_loaded, ids, pixels, params) for ids, pixels in requests]
     settings = EngineSettings(max_batch=4, static_decode=True, compile=True)
     with Engine(tiny_loaded, settings) as engine:
         handles = [engine.submit(ids, pixels, params) for ids, pixels in requests]
         for handle in handles:
             handle.text()
-        assert engine._fused is not None and engine._fused.compiled  # no fallback to eager happened
+        assert engine.status()["layers"] == "fused, compiled"  # no fallback to eager happened
     assert [h.stats.tokens for h in handles] == expected
 
 
@@ -160,4 +156,7 @@ def test_models_the_function_does_not_cover_keep_transformers_layers(fresh_model
     loaded = dataclasses.replace(tiny_loaded, model=fresh_model)
     with Engine(loaded, EngineSettings(max_batch=2)) as engine:
         engine.submit(*request(loaded.tokenizer, 1), GenerationParams(max_new_tokens=4)).text()
-        assert engine._fused is None and engine.status()["requests_completed"] == 1
+        status = engine.status()
+        assert (
+            engine._fused is None and status["layers"] == "transformers" and status["requests_completed"] == 1
+        )

@@ -39,7 +39,8 @@ def test_answers_equal_the_library_stream(loaded):
         handle = engine.submit(ids, pixels, params)
         assert handle.text() == expected
         assert handle.stats.tokens == stats.tokens and handle.stats.finish_reason == "length"
-        assert engine.status()["requests_completed"] == 1
+        status = engine.status()
+        assert status["requests_completed"] == 1 and status["layers"] == "transformers"  # /health reads it
 
 
 def test_cancel_stops_between_tokens(loaded):
