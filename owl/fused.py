@@ -153,6 +153,8 @@ class FusedLlama:
         config = language_model.config
         if config.num_key_value_heads != config.num_attention_heads:
             return "grouped-query attention"
+        if getattr(config, "head_dim", None) not in (None, config.hidden_size // config.num_attention_heads):
+            return f"head_dim {config.head_dim} with hidden_size {config.hidden_size}"
         if config.hidden_act != "silu":
             return f"activation {config.hidden_act}"
         for layer in language_model.model.layers:

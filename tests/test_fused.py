@@ -150,6 +150,8 @@ def test_models_the_function_does_not_cover_keep_transformers_layers(fresh_model
     assert FusedLlama.supports(fresh_model.language_model) is None
     bloom = OwlModel(tiny_loaded.config.replace(name="tiny-bloom", text=BLOOM_TEXT))
     assert "BloomForCausalLM" in FusedLlama.supports(bloom.language_model)
+    wide = OwlModel(tiny_loaded.config.replace(text={**tiny_loaded.config.text, "head_dim": 32}))
+    assert "head_dim 32" in FusedLlama.supports(wide.language_model)
     mlp = fresh_model.language_model.model.layers[1].mlp
     mlp.up_proj = Int8Linear(mlp.up_proj.in_features, mlp.up_proj.out_features, bias=False)
     assert "quantized" in FusedLlama.supports(fresh_model.language_model)
