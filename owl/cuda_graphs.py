@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from owl.fused import prompt_mask
+
 log = logging.getLogger(__name__)
 
 LENGTH_STEP = 256
@@ -136,8 +138,7 @@ class DecodeGraphs:
     def _prefill_step(self, entry: _Prefill) -> None:
         width = entry.embeds.shape[1]
         steps = torch.arange(width, device=entry.embeds.device)
-        causal = steps.view(1, width, 1) >= steps.view(1, 1, width)
-        mask = (causal & (steps < entry.length).view(1, 1, width)).unsqueeze(1)  # (1, 1, Lb, Lb)
+        mask = prompt_mask(entry.length, width)  # (1, 1, Lb, Lb)
         rows = torch.zeros(1, dtype=torch.long, device=steps.device)
         hidden = self.fused.hidden(entry.embeds, steps.view(1, -1), mask, self.cache, rows, 0)
         entry.logits.copy_(self.fused.logits(hidden[0].index_select(0, entry.length - 1)))

@@ -46,7 +46,7 @@ from owl.errors import (
     RequestTimeout,
     WorkerUnavailable,
 )
-from owl.fused import FusedLlama
+from owl.fused import FusedLlama, prompt_mask
 from owl.generation import TextStream, check_context
 from owl.sampling import GenerationParams, choose, make_generator
 
@@ -549,11 +549,8 @@ class Engine:
             logits = self._graphs.prefill(embeds)  # a lone prompt on an idle engine: a captured graph
             if logits is not None:
                 return logits
-        steps = torch.arange(width, device=device)
-        positions = steps.expand(len(group), width)
-        valid = positions < torch.tensor(lengths, device=device).view(-1, 1)  # (n, L) real tokens
-        causal = steps.view(1, width, 1) >= steps.view(1, 1, width)  # (1, L, L)
-        mask = (causal & valid.view(-1, 1, width)).unsqueeze(1)  # (n, 1, L, L)
+        positions = torch.arange(width, device=device).expand(len(group), width)
+        mask = prompt_mask(torch.tensor(lengths, device=device), width)  # (n, 1, L, L)
         rows = torch.arange(first, first + len(group), device=device)
         last = (torch.arange(len(group), device=device), torch.tensor(lengths, device=device) - 1)
         if self._fused is not None:
@@ -711,8 +708,6 @@ class Engine:
 
     def _drop_finished(self) -> None:
         """Remove finished, cancelled and timed-out requests; compact the slots they held."""
-        if self._flight is not None and any(self._leaving(r) for r in self._flight[0]):
-            self._land_flight()  # its rows are laid out as before the compaction
         now = time.monotonic()
         with self._cond:
             active = list(self._active)
@@ -734,7 +729,7 @@ class Engine:
                 keep.append(request)
         if len(keep) == len(active):
             return
-        if self._flight is not None:  # a request left since the check above (cancelled meanwhile)
+        if self._flight is not None:  # its rows are laid out as before the compaction: land it first
             self._land_flight()
             return self._drop_finished()
         if self.batched and self._cache is not None:
@@ -745,14 +740,6 @@ class Engine:
                     self._cache.move(old, new_slot, request.position)
         with self._cond:
             self._active = keep
-
-    def _leaving(self, request: _Active) -> bool:
-        handle = request.handle
-        return (
-            handle.done.is_set()
-            or handle.cancelled
-            or (request.deadline is not None and time.monotonic() > request.deadline)
-        )
 
     @torch.inference_mode()
     def _decode_step(self) -> None:

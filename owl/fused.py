@@ -39,6 +39,14 @@ def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(h.dtype)
 
 
+def prompt_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(n, 1, L, L) causal mask of right-padded prompts: token i sees tokens 0..i that are real."""
+    steps = torch.arange(width, device=lengths.device)
+    causal = steps.view(1, width, 1) >= steps.view(1, 1, width)  # (1, L, L)
+    valid = steps.view(1, -1) < lengths.view(-1, 1)  # (n, L) real tokens
+    return (causal & valid.view(-1, 1, width)).unsqueeze(1)
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
