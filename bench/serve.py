@@ -2,11 +2,14 @@
 
     python bench/serve.py                                  # CPU: a ~45M-parameter model
     python bench/serve.py --preset mplug-owl-llama-7b --device cuda --concurrency 1 4 8 16 64
+    python bench/serve.py --params page --new-tokens 256       # the page's default sampling
 
 The baseline is what the original demo and LLaVA's worker do: one ``generate()`` per request,
 requests served one at a time. The engine gets all requests at once. Every request has one
 image and ~100 text tokens and generates exactly ``--new-tokens`` tokens (end-of-sequence
-ignored, so both sides do the same work). Printed: aggregate tokens/s, time to first token
+ignored, so both sides do the same work), greedily, or with ``--params page`` as the web page
+asks by default (sampling with top-k 3 and top-p 0.9, no repeated 2-grams; the baseline passes
+the same to ``generate()``). Printed: aggregate tokens/s, time to first token
 p50/p99 (from the moment all requests arrive), per-token latency p50, and the engine/baseline
 ratios, all measured in this run.
 """
@@ -18,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -105,8 +109,29 @@ class _Timing:
         pass
 
 
+def page_params(new_tokens: int) -> GenerationParams:
+    """What the web page asks for unless its user changes the parameters panel."""
+    from owl.settings import Settings
+
+    return replace(Settings().default_params(), max_new_tokens=new_tokens, ignore_eos=True)
+
+
+def generate_kwargs(params: GenerationParams) -> dict:
+    """The same choice as ``generate()`` arguments (transformers' own logits processors)."""
+    if not params.do_sample:
+        return {"do_sample": False}
+    return {
+        "do_sample": True,
+        "temperature": params.temperature,
+        "top_k": params.top_k,  # 0: off, in both
+        "top_p": params.top_p,
+        "repetition_penalty": params.repetition_penalty,
+        "no_repeat_ngram_size": params.no_repeat_ngram_size,
+    }
+
+
 @torch.inference_mode()
-def run_baseline(loaded: Loaded, requests, new_tokens: int) -> dict:
+def run_baseline(loaded: Loaded, requests, new_tokens: int, params: GenerationParams | None = None) -> dict:
     """One generate() per request, served one after another, as the original demo did."""
     model = loaded.model
     started = time.monotonic()
@@ -120,8 +145,8 @@ def run_baseline(loaded: Loaded, requests, new_tokens: int) -> dict:
             attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
-            do_sample=False,
             pad_token_id=0,
+            **generate_kwargs(params or GenerationParams()),
             streamer=timing,
         )
         tokens += out.shape[1]
@@ -131,8 +156,8 @@ def run_baseline(loaded: Loaded, requests, new_tokens: int) -> dict:
     return _summary(tokens, time.monotonic() - started, ttft, gaps)
 
 
-def run_engine(engine: Engine, requests, new_tokens: int) -> dict:
-    params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
+def run_engine(engine: Engine, requests, new_tokens: int, params: GenerationParams | None = None) -> dict:
+    params = replace(params or GenerationParams(), max_new_tokens=new_tokens, ignore_eos=True)
     started = time.monotonic()
     handles = [engine.submit(ids, pixels, params) for ids, pixels in requests]
     for handle in handles:
@@ -178,6 +203,9 @@ def main(argv=None) -> int:
         "--baseline-max", type=int, default=16, help="skip the baseline above this concurrency"
     )
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--params", choices=["greedy", "page"], default="greedy", help="page: the web page's default sampling"
+    )
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json", help="write the results here too")
@@ -190,6 +218,7 @@ def main(argv=None) -> int:
         if args.dtype
         else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
+    params = page_params(args.new_tokens) if args.params == "page" else GenerationParams()
     config = preset(args.preset) if args.preset else CPU_BENCH
     loaded = build(config, device, dtype)
     settings = EngineSettings(
@@ -211,15 +240,17 @@ def main(argv=None) -> int:
         )
         for concurrency in args.concurrency:
             requests = make_requests(loaded, concurrency, seed=concurrency)
-            ours = run_engine(engine, requests, args.new_tokens)
+            ours = run_engine(engine, requests, args.new_tokens, params)
             base = (
-                run_baseline(loaded, requests, args.new_tokens) if concurrency <= args.baseline_max else None
+                run_baseline(loaded, requests, args.new_tokens, params)
+                if concurrency <= args.baseline_max
+                else None
             )
             results.append({"concurrency": concurrency, "engine": ours, "baseline": base})
             _print_row(concurrency, base, ours)
     header = (
         f"\n{config.name} on {device} ({str(dtype).removeprefix('torch.')}), {args.new_tokens} new tokens "
-        "per request, 1 image + 100 text tokens each"
+        f"per request, 1 image + 100 text tokens each, {args.params} decoding"
     )
     print(header)
     print(
@@ -232,7 +263,13 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(
             json.dumps(
-                {"config": config.name, "device": str(device), "ttft_one_ms": ttft_one, "results": results},
+                {
+                    "config": config.name,
+                    "device": str(device),
+                    "params": args.params,
+                    "ttft_one_ms": ttft_one,
+                    "results": results,
+                },
                 indent=2,
             )
         )

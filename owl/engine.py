@@ -48,7 +48,7 @@ from owl.errors import (
 )
 from owl.fused import FusedLlama, prompt_mask
 from owl.generation import TextStream, check_context
-from owl.sampling import GenerationParams, choose, make_generator
+from owl.sampling import GenerationParams, TokenHistory, choose, make_generator
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class _Active:
     budget: int
     position: int  # where the next token's key/value goes
     last_token: int
-    history: list[int]
+    history: TokenHistory  # BOS and the answer so far, for the penalties
     text: TextStream
     generator: torch.Generator | None
     deadline: float | None
@@ -617,7 +617,7 @@ class Engine:
             budget=params.max_new_tokens,
             position=len(waiting.prompt_ids),
             last_token=-1,
-            history=[self.tokenizer.bos_token_id],
+            history=TokenHistory([self.tokenizer.bos_token_id]),
             text=TextStream(self.tokenizer, params.stop),
             generator=make_generator(params),
             deadline=None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from owl.errors import ContextLengthError
-from owl.sampling import GenerationParams, choose, make_generator
+from owl.sampling import GenerationParams, TokenHistory, choose, make_generator
 
 
 @dataclass
@@ -150,7 +150,7 @@ def stream_generate(
         cache = DynamicCache(config=model.language_model.config)
         logits = prefill(model, model.embed(ids, image_embeds), cache)
     # The releases' outputs began with BOS, which repetition penalties therefore saw too.
-    history = [tokenizer.bos_token_id]
+    history = TokenHistory([tokenizer.bos_token_id])
     text = TextStream(tokenizer, params.stop)
     position = len(prompt_ids)
     stats.finish_reason = "length"

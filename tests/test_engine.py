@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -165,6 +167,40 @@ def test_batched_greedy_answers_equal_the_same_requests_alone(loaded):
         for handle in handles:
             handle.text()
     assert [h.stats.tokens for h in handles] == expected
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "fixed-shape"])
+def test_seeded_sampling_and_penalties_give_the_same_answers_batched_as_alone(loaded, static):
+    """The page's default (sampling, top-k 3, top-p 0.9, no repeated 2-grams), a repetition
+    penalty and a greedy no-repeat row share steps; each answer is the one it gets alone."""
+    page = GenerationParams(
+        max_new_tokens=40, do_sample=True, top_k=3, top_p=0.9, no_repeat_ngram_size=2, ignore_eos=True
+    )
+    kinds = [
+        replace(page, seed=1),
+        replace(page, seed=2),
+        GenerationParams(max_new_tokens=40, do_sample=True, repetition_penalty=1.5, seed=3, ignore_eos=True),
+        GenerationParams(max_new_tokens=40, no_repeat_ngram_size=1, ignore_eos=True),  # no token twice
+        replace(page, seed=4, max_new_tokens=15),
+    ]
+    requests = [request(loaded, seed, images=seed % 2) for seed in range(60, 65)]
+    expected = [
+        alone(loaded, ids, pixels, params) for (ids, pixels), params in zip(requests, kinds, strict=True)
+    ]
+    settings = EngineSettings(max_batch=4, queue_size=8, static_decode=static)
+    with Engine(loaded, settings) as engine:
+        handles = [
+            engine.submit(ids, pixels, params) for (ids, pixels), params in zip(requests, kinds, strict=True)
+        ]
+        for handle in handles:
+            handle.text()
+    assert [h.stats.tokens for h in handles] == expected
+    for tokens in (expected[0], expected[1], expected[4]):  # the 2-gram ban held
+        pairs = list(itertools.pairwise(tokens))
+        assert len(pairs) == len(set(pairs))
+    assert len(set(expected[3])) == len(expected[3])
+    plain = alone(loaded, *requests[3], GenerationParams(max_new_tokens=40, ignore_eos=True))
+    assert len(set(plain)) < len(plain)  # without the ban this model repeats itself
 
 
 def test_requests_that_arrive_together_are_prefilled_in_one_pass(loaded):

@@ -11,8 +11,11 @@ from owl.generation import ContextLengthError, GenerationStats, TextStream, gene
 from owl.sampling import (
     GenerationParams,
     ParameterError,
+    TokenHistory,
     apply_no_repeat_ngram,
     apply_repetition_penalty,
+    choose,
+    make_generator,
     warp,
 )
 from owl.tokenizer import ByteTokenizer
@@ -172,19 +175,85 @@ def test_warpers_match_transformers():
         assert torch.allclose(ours[~torch.isinf(ours)], expected[~torch.isinf(expected)])
 
 
-def test_penalties_match_transformers():
+def test_penalties_match_transformers_for_every_row_of_a_batch():
+    """One batched call over rows with their own histories, penalties and n-gram sizes equals
+    transformers' processors applied to each row alone."""
     from transformers.generation.logits_process import (
         NoRepeatNGramLogitsProcessor,
         RepetitionPenaltyLogitsProcessor,
     )
 
-    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(1))
-    history = [[1, 4, 5, 4, 5, 9, 4], [1, 7, 7, 3]]
-    for row, seen in enumerate(history):
-        row_ids = torch.tensor([seen])
-        expected = RepetitionPenaltyLogitsProcessor(1.3)(row_ids, logits[row : row + 1].clone())
-        expected = NoRepeatNGramLogitsProcessor(2)(row_ids, expected)
-        ours = logits[row : row + 1].clone()
-        apply_repetition_penalty(ours, [seen], [1.3])
-        apply_no_repeat_ngram(ours, [seen], [2])
-        assert torch.equal(ours, expected)
+    rng = torch.Generator().manual_seed(1)
+    vocab = 12  # few tokens: histories repeat n-grams often
+    for trial in range(20):
+        rows = 5
+        history = [
+            torch.randint(vocab, (int(torch.randint(0, 60, (1,), generator=rng)),), generator=rng).tolist()
+            for _ in range(rows)
+        ]
+        history[0] = [1, 4, 5, 4, 5, 9, 4]
+        penalties = [(1.0, 1.3, 0.8)[(trial + row) % 3] for row in range(rows)]
+        sizes = [(trial + row) % 4 for row in range(rows)]  # 0 (off) to 3
+        logits = torch.randn(rows, vocab, generator=rng) * 3
+        ours = logits.clone()
+        apply_repetition_penalty(ours, [TokenHistory(h) for h in history], penalties)
+        apply_no_repeat_ngram(ours, [TokenHistory(h) for h in history], sizes)
+        for row, seen in enumerate(history):
+            expected = logits[row : row + 1].clone()
+            row_ids = torch.tensor([seen], dtype=torch.long)
+            if penalties[row] != 1.0 and seen:
+                expected = RepetitionPenaltyLogitsProcessor(penalties[row])(row_ids, expected)
+            if sizes[row]:
+                expected = NoRepeatNGramLogitsProcessor(sizes[row])(row_ids, expected)
+            assert torch.equal(ours[row : row + 1], expected), (trial, row, seen, penalties[row], sizes[row])
+
+
+def test_token_history_grows_and_reads_back():
+    history = TokenHistory([1, 2])
+    for token in range(3, 40):
+        history.append(token)
+    assert list(history) == list(range(1, 40)) and len(history) == 39
+    assert history.tensor().tolist() == list(range(1, 40))
+
+
+def test_sampling_follows_the_warped_distribution():
+    """Tokens are drawn in proportion to their probability after top-k, and never outside it."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, 3.0, -1.0, 0.5, 2.5, -2.0]])
+    params = GenerationParams(do_sample=True, top_k=4)
+    kept = warp(logits, torch.ones(1), torch.full((1,), 4), torch.ones(1)).softmax(-1)[0]
+    generator = torch.Generator().manual_seed(0)
+    draws = 4000
+    counts = torch.zeros(8)
+    for _ in range(draws):
+        counts[choose(logits, [params], [[1]], [generator])[0]] += 1
+    assert counts[kept == 0].sum() == 0  # outside the top 4: never
+    expected = kept * draws
+    spread = (expected * (1 - kept)).sqrt()
+    assert ((counts - expected).abs() <= 4.5 * spread + 1e-6).all(), (counts, expected)
+
+
+def test_each_row_samples_from_its_own_generator_as_if_alone():
+    """Mixed rows (greedy, sampled, penalised) in one call choose what each would choose alone."""
+    rng = torch.Generator().manual_seed(2)
+    params = [
+        GenerationParams(),
+        GenerationParams(do_sample=True, temperature=1.3, seed=1),
+        GenerationParams(do_sample=True, top_k=3, top_p=0.9, no_repeat_ngram_size=2, seed=2),
+        GenerationParams(do_sample=True, top_p=0.5, repetition_penalty=1.2, seed=3),
+    ]
+    together = [make_generator(p) for p in params]
+    apart = [make_generator(p) for p in params]
+    histories = [TokenHistory([1]) for _ in params]
+    alone_histories = [[1] for _ in params]
+    for _ in range(30):
+        logits = torch.randn(len(params), 40, generator=rng) * 2
+        batched = choose(logits, params, histories, together)
+        single = [
+            choose(logits[row : row + 1], [p], [alone_histories[row]], [apart[row]])[0]
+            for row, p in enumerate(params)
+        ]
+        assert batched == single
+        for row, token in enumerate(batched):
+            histories[row].append(token)
+            alone_histories[row].append(token)
+    assert len({tuple(h) for h in alone_histories}) == len(params)
