@@ -57,7 +57,7 @@ def decoder_layer(
     h: torch.Tensor,  # (B, Q, D)
     cos: torch.Tensor,  # (B, 1, Q, d)
     sin: torch.Tensor,  # (B, 1, Q, d)
-    mask: torch.Tensor,  # (B, 1, Q, span) bool: which cached positions each new token sees
+    mask: torch.Tensor,  # (B, 1, Q, span) additive: 0 where a new token sees a cached position, -inf not
     write: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # cache index of each new (row, head, token)
     keys: torch.Tensor,  # (slots, heads, max_len, d) this layer's cache, written in place
     values: torch.Tensor,
@@ -186,13 +186,18 @@ class FusedLlama:
         self,
         embeds: torch.Tensor,  # (B, Q, D)
         positions: torch.Tensor,  # (B, Q)
-        mask: torch.Tensor,  # (B, 1, Q, span)
+        mask: torch.Tensor,  # (B, 1, Q, span) bool: which cached positions each new token sees
         cache,
         rows: torch.Tensor,  # (B,) cache slots written
         first: int,  # slots read: first .. first + B - 1
     ) -> torch.Tensor:
         """The final-normed hidden states (B, Q, D); every layer's keys and values land in the cache."""
         span = mask.shape[-1]
+        # SDPA turns a boolean mask into an additive one on every call; done once here, every layer
+        # reuses it (on a GPU: two kernels a step instead of two a layer).
+        mask = torch.zeros(mask.shape, dtype=embeds.dtype, device=embeds.device).masked_fill_(
+            ~mask, float("-inf")
+        )
         cos, sin = self.lm.model.rotary_emb(embeds, positions)  # (B, Q, d) each
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         write = (rows.view(-1, 1, 1), cache.head_index, positions.unsqueeze(1))  # (B, h, Q)
