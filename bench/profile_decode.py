@@ -7,7 +7,9 @@ transformers runs them; ``fused``: owl.fused's layer function through torch.comp
 inside the engine's CUDA graphs) prints: GPU ms per captured decode step at each batch size,
 the same with the input copy and the token read-back, ms per token of a request through the
 engine, aggregate tokens/s of concurrent requests, the time to first token and its parts, and
-the kernels launched per step. Ends with the fused/transformers ratios.
+the kernels launched per step, and the cost of choosing tokens as the web page does by default
+(sampling with penalties) with the tokens/s that decoding reaches then. Ends with the
+fused/transformers ratios.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serve import build, make_requests, run_engine, single_ttft
+from bench.serve import build, make_requests, page_params, run_engine, single_ttft
 from owl.config import preset
 from owl.engine import Engine, EngineSettings
 from owl.params import GenerationParams
+from owl.sampling import TokenHistory, choose, make_generator
 
 
 def sync() -> None:
@@ -84,6 +87,18 @@ def profile(loaded, fused: bool, batches: list[int], max_seq_len: int, device: t
             row[f"tok_s_{batch}"] = run_engine(engine, make_requests(loaded, batch, seed=batch), 64)[
                 "tokens_per_s"
             ]
+        page = page_params(64)  # the web page's default: sampling, top-k 3, top-p 0.9, no repeated 2-grams
+        for batch in batches:
+            logits = graphs.run([3] * batch, [200] * batch)
+            histories = [TokenHistory(range(3, 259)) for _ in range(batch)]  # 256 tokens each
+            generators = [make_generator(page) for _ in range(batch)]
+            row[f"choose_page_ms_{batch}"] = timed(
+                lambda lg=logits, b=batch, h=histories, g=generators: choose(lg, [page] * b, h, g)
+            )
+        for batch in batches[1:]:
+            row[f"page_tok_s_{batch}"] = run_engine(
+                engine, make_requests(loaded, batch, seed=batch), 64, page
+            )["tokens_per_s"]
         row["ttft_ms"] = single_ttft(engine, loaded, repeats=10)
         pixels = make_requests(loaded, 1)[0][1].to(loaded.device, loaded.dtype)
         row["vision_ms"] = timed(lambda: engine._vision(pixels), 10)

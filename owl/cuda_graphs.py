@@ -12,6 +12,7 @@ which is how the tests check it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,9 @@ LENGTH_STEP = 256
 # captured graph too, its length padded up to a multiple of PREFILL_STEP, up to PREFILL_MAX.
 PREFILL_STEP = 64
 PREFILL_MAX = 2048
+
+# Chooses each row's next token (B,) from its logits (B, V), on the device, without reading them.
+Pick = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -53,7 +57,7 @@ class _Prefill:
 
 @dataclass
 class Launched:
-    """A greedy step on its way: its rows' tokens arrive in ``host`` once ``done`` has passed."""
+    """A step on its way: its rows' tokens arrive in ``host`` once ``done`` has passed."""
 
     graph: _Graph
     batch: int
@@ -88,11 +92,17 @@ class DecodeGraphs:
         graph = self._replay(tokens, positions)
         return graph.logits[: len(tokens)]
 
-    def launch(self, tokens: list[int], positions: list[int]) -> Launched:
-        """Like ``run`` for all-greedy batches, without waiting: the chosen tokens come back later."""
-        return self._read_back(self._replay(tokens, positions), len(tokens))
+    def launch(self, tokens: list[int], positions: list[int], pick: Pick | None = None) -> Launched:
+        """Like ``run``, without waiting: the chosen tokens come back later.
 
-    def follow(self, previous: Launched, longest: int) -> Launched:
+        Each row's token is the argmax of its logits, chosen inside the step, unless ``pick``
+        chooses them from the (B, V) logits on the device (sampling, penalties).
+        """
+        graph = self._replay(tokens, positions)
+        self._pick(graph, len(tokens), pick)
+        return self._read_back(graph, len(tokens))
+
+    def follow(self, previous: Launched, longest: int, pick: Pick | None = None) -> Launched:
         """The next step of the same rows, fed on the device by ``previous``'s chosen tokens.
 
         Nothing waits for ``previous`` to finish. ``longest`` is the last position the new step writes.
@@ -104,7 +114,13 @@ class DecodeGraphs:
         # Each live row moves one position on; padded rows (position 0, free slots) stay where they are.
         graph.inputs[1].copy_(inputs[1] + (inputs[1] > 0))
         self._play(graph, key[1])
+        self._pick(graph, previous.batch, pick)
         return self._read_back(graph, previous.batch)
+
+    @staticmethod
+    def _pick(graph: _Graph, batch: int, pick: Pick | None) -> None:
+        if pick is not None:
+            graph.chosen[:batch].copy_(pick(graph.logits[:batch]))
 
     def read(self, launched: Launched) -> list[int]:
         """The tokens chosen by a launched step; waits for it if it is still running."""

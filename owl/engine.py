@@ -48,7 +48,15 @@ from owl.errors import (
 )
 from owl.fused import FusedLlama, prompt_mask
 from owl.generation import TextStream, check_context
-from owl.sampling import GenerationParams, TokenHistory, choose, make_generator
+from owl.sampling import (
+    GenerationParams,
+    Histories,
+    TokenHistory,
+    choose,
+    choose_tokens,
+    make_generator,
+    needs_choosing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +288,8 @@ class Engine:
         self._graphs = None
         self._vision_graphs = None
         self._fused = self._make_fused() if self.batched else None
-        self._flight: tuple[list[_Active], Any] | None = None  # a pipelined step not read yet
+        # A pipelined step not read yet: its rows, the launched step, how it picks its tokens.
+        self._flight: tuple[list[_Active], Any, Any] | None = None
         self._running = False
         self._thread: threading.Thread | None = None
         self._restarts = 0
@@ -767,11 +776,9 @@ class Engine:
         self._drop_finished()
 
     def _can_pipeline(self, active: list[_Active]) -> bool:
-        """All-greedy batches on fixed-shape steps: the next step can start before this one is read."""
+        """Fixed-shape steps: the next step can start before this one is read."""
         return (
             self._graphs is not None
-            and not any(r.params.do_sample or r.params.repetition_penalty != 1.0 for r in active)
-            and not any(r.params.no_repeat_ngram_size for r in active)
             # The step after next must still fit: a pipelined step may run one past a request's end.
             and max(r.position for r in active) + 2 < self._cache.max_len
         )
@@ -787,24 +794,47 @@ class Engine:
         previous = self._flight
         try:
             if previous is not None and [id(r) for r in previous[0]] == [id(r) for r in active]:
-                launched = self._graphs.follow(previous[1], max(r.position for r in active) + 1)
+                pick = previous[2]
+                launched = self._graphs.follow(previous[1], max(r.position for r in active) + 1, pick)
             else:
                 if previous is not None:
                     return self._land_flight()
-                launched = self._graphs.launch([r.last_token for r in active], [r.position for r in active])
+                pick = self._picker(active)
+                launched = self._graphs.launch(
+                    [r.last_token for r in active], [r.position for r in active], pick
+                )
         except Exception as err:
             if previous is not None:
                 self._land_flight()
             return self._step_failed(active, err)
-        self._flight = (active, launched)
+        self._flight = (active, launched, pick)
         if previous is not None:
-            self._land(*previous)
+            self._land(previous[0], previous[1])
         self._drop_finished()
+
+    def _picker(self, active: list[_Active]):
+        """How a pipelined batch chooses its tokens on the device: None for argmax (inside the step);
+        else sampling and penalties over histories kept on the device, which each choice extends,
+        since the host reads the tokens a step later. Built when the batch forms, from the rows'
+        histories, which are then complete (every change of the batch lands the flight first)."""
+        if not any(needs_choosing(r.params) for r in active):
+            return None
+        params = [r.params for r in active]
+        generators = [r.generator for r in active]
+        room = max(r.budget - r.handle.stats.completion_tokens for r in active) + 2
+        histories = Histories([r.history for r in active], self.model.device, room=room)
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            tokens = choose_tokens(logits, params, histories, generators)
+            histories.append(tokens)
+            return tokens
+
+        return pick
 
     def _land_flight(self) -> None:
         flight, self._flight = self._flight, None
         if flight is not None:
-            self._land(*flight)
+            self._land(flight[0], flight[1])
 
     def _land(self, requests: list[_Active], launched) -> None:
         try:

@@ -10,6 +10,7 @@ import torch
 from owl.generation import ContextLengthError, GenerationStats, TextStream, generate, stream_generate
 from owl.sampling import (
     GenerationParams,
+    Histories,
     ParameterError,
     TokenHistory,
     apply_no_repeat_ngram,
@@ -206,6 +207,29 @@ def test_penalties_match_transformers_for_every_row_of_a_batch():
             if sizes[row]:
                 expected = NoRepeatNGramLogitsProcessor(sizes[row])(row_ids, expected)
             assert torch.equal(ours[row : row + 1], expected), (trial, row, seen, penalties[row], sizes[row])
+
+
+def test_penalties_on_the_device_path_equal_the_sparse_one():
+    """(B, V) masks (what a GPU runs, no read-back) and the sparse writes (a CPU's) agree exactly,
+    also over histories extended on the device."""
+    rng = torch.Generator().manual_seed(4)
+    history = [torch.randint(9, (n,), generator=rng).tolist() for n in (0, 1, 7, 30, 55)]
+    histories = Histories(history, "cpu", room=3)
+    histories.append(torch.tensor([3, 3, 5, 1, 8]))
+    extended = [[*h, t] for h, t in zip(history, [3, 3, 5, 1, 8], strict=True)]
+    assert histories.host_lengths == [len(h) for h in extended]
+    for sizes, penalties in [([2, 2, 2, 2, 2], [1.3] * 5), ([0, 1, 2, 3, 4], [1.0, 0.7, 1.2, 1.0, 2.0])]:
+        logits = torch.randn(5, 9, generator=rng) * 3
+        sparse, dense, reference = logits.clone(), logits.clone(), logits.clone()
+        for out, history_form, is_dense in (
+            (sparse, histories, False),
+            (dense, histories, True),
+            (reference, extended, False),
+        ):
+            apply_repetition_penalty(out, history_form, penalties, dense=is_dense)
+            apply_no_repeat_ngram(out, history_form, sizes, dense=is_dense)
+        assert torch.equal(sparse, reference) and torch.equal(dense, reference)
+        assert torch.isinf(reference).any()
 
 
 def test_token_history_grows_and_reads_back():
