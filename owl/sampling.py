@@ -83,9 +83,6 @@ class Histories:
         self.lengths = torch.tensor(self.host_lengths, dtype=torch.long).to(device, non_blocking=True)
         self._rows = torch.arange(len(rows), device=device)
 
-    def __len__(self) -> int:
-        return len(self.host_lengths)
-
     def append(self, chosen: torch.Tensor) -> None:
         """Each row's newly chosen token (B,), on the device, without reading it."""
         if max(self.host_lengths, default=0) >= self.tokens.shape[1]:
@@ -220,8 +217,12 @@ def choose_tokens(
     if not any(needs_choosing(p) for p in params):
         return logits.argmax(dim=-1)
     logits = logits.to(torch.float32, copy=True)  # the penalties work in place; the caller's stay
-    apply_repetition_penalty(logits, history, [p.repetition_penalty for p in params], dense)
-    apply_no_repeat_ngram(logits, history, [p.no_repeat_ngram_size for p in params], dense)
+    penalties = [p.repetition_penalty for p in params]
+    sizes = [p.no_repeat_ngram_size for p in params]
+    if any(p != 1.0 for p in penalties) or any(n > 0 for n in sizes):
+        history = _histories(history, logits.device)  # one (B, T) copy for both penalties
+        apply_repetition_penalty(logits, history, penalties, dense)
+        apply_no_repeat_ngram(logits, history, sizes, dense)
     greedy = logits.argmax(dim=-1)
     sampled_rows = [row for row, p in enumerate(params) if p.do_sample]
     if not sampled_rows:
@@ -231,8 +232,9 @@ def choose_tokens(
     def per_row(values, dtype=None) -> torch.Tensor:  # host values, copied over without waiting
         return torch.tensor(values, dtype=dtype).to(logits.device, non_blocking=True)
 
+    rows = per_row(sampled_rows)
     warped = warp(
-        logits[per_row(sampled_rows)],
+        logits[rows],
         per_row([p.temperature for p in chosen], torch.float32),
         per_row([p.top_k for p in chosen]),
         per_row([p.top_p for p in chosen], torch.float32),
@@ -247,7 +249,7 @@ def choose_tokens(
     cumulative = warped.softmax(dim=-1).cumsum(dim=-1)
     target = uniform.unsqueeze(1) * cumulative[:, -1:]
     sampled = (cumulative < target).sum(dim=-1).clamp(max=logits.shape[-1] - 1)
-    return greedy.index_copy(0, per_row(sampled_rows), sampled)
+    return greedy.index_copy(0, rows, sampled)
 
 
 def choose(
