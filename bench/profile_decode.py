@@ -87,7 +87,7 @@ def profile(loaded, fused: bool, batches: list[int], max_seq_len: int, device: t
             row[f"tok_s_{batch}"] = run_engine(engine, make_requests(loaded, batch, seed=batch), 64)[
                 "tokens_per_s"
             ]
-        page = page_params(64)  # the web page's default: sampling, top-k 3, top-p 0.9, no repeated 2-grams
+        page = page_params()  # the web page's default: sampling, top-k 3, top-p 0.9, no repeated 2-grams
         for batch in batches:
             logits = graphs.run([3] * batch, [200] * batch)
             histories = [TokenHistory(range(3, 259)) for _ in range(batch)]  # 256 tokens each

@@ -109,11 +109,12 @@ class _Timing:
         pass
 
 
-def page_params(new_tokens: int) -> GenerationParams:
-    """What the web page asks for unless its user changes the parameters panel."""
+def page_params() -> GenerationParams:
+    """What the web page asks for unless its user changes the parameters panel (the token budget
+    and end-of-sequence are set per run by ``run_engine``)."""
     from owl.settings import Settings
 
-    return replace(Settings().default_params(), max_new_tokens=new_tokens, ignore_eos=True)
+    return Settings().default_params()
 
 
 def generate_kwargs(params: GenerationParams) -> dict:
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
         if args.dtype
         else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     )
-    params = page_params(args.new_tokens) if args.params == "page" else GenerationParams()
+    params = page_params() if args.params == "page" else GenerationParams()
     config = preset(args.preset) if args.preset else CPU_BENCH
     loaded = build(config, device, dtype)
     settings = EngineSettings(
