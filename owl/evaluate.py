@@ -28,6 +28,8 @@ class Report:
     per_kind: dict[str, tuple[int, int]] = field(default_factory=dict)  # kind -> (right, total)
     seconds: float = 0.0
     mistakes: list[dict] = field(default_factory=list)
+    # (kind, gold answer) -> (right, total, the wrong answers given, most frequent first)
+    per_answer: dict[tuple[str, str], tuple[int, int, list[tuple[str, int]]]] = field(default_factory=dict)
 
     def accuracy(self, kinds: Sequence[str] | None = None) -> float:
         chosen = [v for k, v in self.per_kind.items() if kinds is None or k in kinds]
@@ -50,6 +52,29 @@ class Report:
         lines.append(f"{'single-image':<16} {'':>6} {'':>6} {self.accuracy(self.single_kinds):>9.1%}")
         lines.append(f"{'two-image':<16} {'':>6} {'':>6} {self.accuracy(self.two_kinds):>9.1%}")
         lines.append(f"{'all':<16} {'':>6} {'':>6} {self.accuracy():>9.1%}")
+        return "\n".join(lines)
+
+    def answer_table(self, max_answers: int = 12) -> str:
+        """Per question kind, each gold answer: how often it was given, and what was said instead.
+
+        A form can score well overall and never give one of its answers (a class the model has not
+        learnt to tell apart); this shows it. A kind with more than ``max_answers`` different gold
+        answers (descriptions) gets one line."""
+        head = f"{'question kind':<16} {'gold answer':<22} {'right':>6} {'total':>6} {'accuracy':>9}  said instead"
+        lines = [head]
+        for kind in [*self.single_kinds, *self.two_kinds]:
+            rows = {gold: tally for (k, gold), tally in self.per_answer.items() if k == kind}
+            if len(rows) > max_answers:
+                right, total = self.per_kind[kind]
+                lines.append(
+                    f"{kind:<16} {f'({len(rows)} different)':<22} {right:>6} {total:>6} {right / total:>9.1%}"
+                )
+                continue
+            for gold, (right, total, instead) in sorted(rows.items()):
+                said = ", ".join(f"{answer} ({count})" for answer, count in instead[:2])
+                lines.append(
+                    f"{kind:<16} {gold:<22} {right:>6} {total:>6} {right / total:>9.1%}  {said}".rstrip()
+                )
         return "\n".join(lines)
 
     def summary(self) -> dict:
@@ -93,6 +118,7 @@ def evaluate(
     items = eval_items(num, seed=seed, robust=robust, change=change)
     params = GenerationParams(max_new_tokens=24)
     counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    by_answer: dict[tuple[str, str], list] = collections.defaultdict(lambda: [0, 0, collections.Counter()])
     report = Report()
     started = time.monotonic()
     with Engine(loaded, EngineSettings(max_batch=max_batch, queue_size=len(items) + 1)) as engine:
@@ -107,12 +133,18 @@ def evaluate(
             right = answer_matches(answer, item.answer)
             counts[item.kind][0] += right
             counts[item.kind][1] += 1
+            tally = by_answer[item.kind, item.answer]
+            tally[0] += right
+            tally[1] += 1
+            if not right:
+                tally[2][answer] += 1
             if not right and len(report.mistakes) < 50:
                 report.mistakes.append(
                     {"kind": item.kind, "question": item.question, "gold": item.answer, "answer": answer}
                 )
     report.seconds = time.monotonic() - started
     report.per_kind = {k: (v[0], v[1]) for k, v in sorted(counts.items())}
+    report.per_answer = {k: (v[0], v[1], v[2].most_common()) for k, v in sorted(by_answer.items())}
     return report
 
 
@@ -140,11 +172,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="the questions clean, then with each unseen way of drawing alone, side by side",
     )
+    parser.add_argument(
+        "--by-answer",
+        action="store_true",
+        help="also each gold answer of each question kind, with what was said instead when wrong",
+    )
     parser.add_argument("--mistakes", action="store_true", help="print some wrong answers")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
     if args.robust and args.by_change:
         parser.error("--by-change draws each unseen change alone; leave out --robust")
+    if args.by_answer and args.by_change:
+        parser.error("--by-answer breaks one evaluation down; leave out --by-change")
     loaded = owl.load(args.checkpoint)
     if args.by_change:
         reports = by_change(loaded, num=args.num, seed=args.seed)
@@ -162,6 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{report.seconds:.0f} s"
     )
     print(report.table())
+    if args.by_answer:
+        print()
+        print(report.answer_table())
     if args.mistakes:
         for mistake in report.mistakes[:20]:
             print(json.dumps(mistake), file=sys.stderr)
@@ -170,6 +212,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             json.dump(
                 {
                     **report.summary(),
+                    **(
+                        {
+                            "per_answer": [
+                                {
+                                    "kind": kind,
+                                    "answer": gold,
+                                    "right": right,
+                                    "total": total,
+                                    "instead": instead,
+                                }
+                                for (kind, gold), (right, total, instead) in report.per_answer.items()
+                            ]
+                        }
+                        if args.by_answer
+                        else {}
+                    ),
                     "robust": args.robust,
                     "seed": args.seed,
                     "num": args.num,

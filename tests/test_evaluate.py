@@ -31,3 +31,31 @@ def test_by_change_and_robust_are_not_asked_together(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--num", "4", "--robust", "--by-change"])
     assert "leave out --robust" in capsys.readouterr().err
+
+
+def test_by_answer_breaks_each_kind_down_by_its_gold_answers(tmp_path, capsys):
+    """Each gold answer's row counts the questions that had it, and its wrong answers are what the
+    model said on them; the rows of a kind add up to the kind's line."""
+    out = tmp_path / "answers.json"
+    assert evaluate.main(["--num", "60", "--seed", "5", "--by-answer", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    numbers = json.loads(out.read_text())
+    rows = numbers["per_answer"]
+    assert sum(row["total"] for row in rows) == 60
+    for kind, (right, total) in numbers["per_kind"].items():
+        mine = [row for row in rows if row["kind"] == kind]
+        assert sum(row["right"] for row in mine) == right and sum(row["total"] for row in mine) == total
+    for row in rows:
+        assert sum(count for _, count in row["instead"]) == row["total"] - row["right"]
+        assert all(answer != row["answer"] for answer, _ in row["instead"])
+        if row["kind"] != "describe":
+            assert any(
+                line.split()[:1] == [row["kind"]] and row["answer"] in line for line in printed.splitlines()
+            )
+    assert any(row["instead"] for row in rows)  # at 60 questions the embedded model gets some wrong
+
+
+def test_by_answer_and_by_change_are_not_asked_together(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--num", "4", "--by-answer", "--by-change"])
+    assert "leave out --by-change" in capsys.readouterr().err
