@@ -117,8 +117,8 @@ def evaluate(
 
     items = eval_items(num, seed=seed, robust=robust, change=change)
     params = GenerationParams(max_new_tokens=24)
-    counts: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-    by_answer: dict[tuple[str, str], list] = collections.defaultdict(lambda: [0, 0, collections.Counter()])
+    # (kind, gold answer) -> [right, total, the wrong answers given]
+    tallies: dict[tuple[str, str], list] = collections.defaultdict(lambda: [0, 0, collections.Counter()])
     report = Report()
     started = time.monotonic()
     with Engine(loaded, EngineSettings(max_batch=max_batch, queue_size=len(items) + 1)) as engine:
@@ -131,20 +131,24 @@ def evaluate(
         for item, handle in zip(items, handles, strict=True):
             answer = handle.text().strip()
             right = answer_matches(answer, item.answer)
-            counts[item.kind][0] += right
-            counts[item.kind][1] += 1
-            tally = by_answer[item.kind, item.answer]
+            tally = tallies[item.kind, item.answer]
             tally[0] += right
             tally[1] += 1
             if not right:
                 tally[2][answer] += 1
-            if not right and len(report.mistakes) < 50:
-                report.mistakes.append(
-                    {"kind": item.kind, "question": item.question, "gold": item.answer, "answer": answer}
-                )
+                if len(report.mistakes) < 50:
+                    report.mistakes.append(
+                        {"kind": item.kind, "question": item.question, "gold": item.answer, "answer": answer}
+                    )
     report.seconds = time.monotonic() - started
-    report.per_kind = {k: (v[0], v[1]) for k, v in sorted(counts.items())}
-    report.per_answer = {k: (v[0], v[1], v[2].most_common()) for k, v in sorted(by_answer.items())}
+    report.per_answer = {
+        key: (r, t, instead.most_common()) for key, (r, t, instead) in sorted(tallies.items())
+    }
+    per_kind: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for (kind, _), (right, total, _) in report.per_answer.items():
+        per_kind[kind][0] += right
+        per_kind[kind][1] += total
+    report.per_kind = {kind: (right, total) for kind, (right, total) in per_kind.items()}
     return report
 
 
@@ -209,31 +213,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(mistake), file=sys.stderr)
     if args.json:
         with open(args.json, "w") as handle:
+            summary = report.summary()
+            if args.by_answer:
+                summary["per_answer"] = [
+                    {"kind": kind, "answer": gold, "right": right, "total": total, "instead": instead}
+                    for (kind, gold), (right, total, instead) in report.per_answer.items()
+                ]
             json.dump(
-                {
-                    **report.summary(),
-                    **(
-                        {
-                            "per_answer": [
-                                {
-                                    "kind": kind,
-                                    "answer": gold,
-                                    "right": right,
-                                    "total": total,
-                                    "instead": instead,
-                                }
-                                for (kind, gold), (right, total, instead) in report.per_answer.items()
-                            ]
-                        }
-                        if args.by_answer
-                        else {}
-                    ),
-                    "robust": args.robust,
-                    "seed": args.seed,
-                    "num": args.num,
-                },
-                handle,
-                indent=2,
+                {**summary, "robust": args.robust, "seed": args.seed, "num": args.num}, handle, indent=2
             )
     return 0
 
