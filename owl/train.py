@@ -31,7 +31,10 @@ what the synthetic world knows they should show, the first layer to look at the 
 colour or shape word of a question names and to carry the one it names to the word, each
 picture's last image vector to sum the picture up, and the last layer to look at the image a
 question is about while it answers and at each object it names in its answer. The probes are not
-part of the exported model.
+part of the exported model. Two more are there to try, off in the recipe: ``--relation-probe``
+(the second layer compares the two places a "relative" question names, at the second name) and
+``--count-probe`` (the next-to-last layer counts, at each colour or shape word, the objects it
+names in each picture shown so far).
 """
 
 from __future__ import annotations
@@ -904,6 +907,7 @@ class SummaryProbe(LayerOutputProbe):
             ],
             device=device,
         )
+
         bce = torch.nn.functional.binary_cross_entropy_with_logits
         return (
             torch.nn.functional.cross_entropy(self.count(summaries), counts)
@@ -1101,6 +1105,156 @@ class BindingProbe(LayerOutputProbe):
         ) / 4
 
 
+class RelationProbe(LayerOutputProbe):
+    """A training-only head on the second decoder layer's output at the last word of a "relative"
+    question ("is the red star above or below the circle?"): whether the first object named is to
+    the left of the second, and whether it is above it.
+
+    The binding probe brings each named object's place to its word, yet "above or below" was
+    decided at chance while "to the left or to the right" was right nine times in ten: nothing
+    asked any layer to set the two places side by side, and the answer decides at its first token.
+    This asks for the comparison at the second object's word, where both places can be reached, so
+    the answer only has to read it there. Dropped from the exported model like the other heads.
+    Not in the recipe yet: with it (weight 0.2, beside the count probe) "above or below" rose from
+    41 % to 92 % of 2,000 held-out questions, but questions about two pictures fell 4 points.
+    """
+
+    layer = 1
+    MARGIN = 0.1  # objects closer than this along an axis are not compared along it
+
+    def __init__(self, width: int, words: dict[int, tuple[str, str]]):
+        super().__init__()
+        self.words = words
+        self.sides = torch.nn.Linear(width, 2)  # logits: the first is left of the second; above it
+
+    @classmethod
+    def for_model(cls, model, tokenizer) -> RelationProbe:
+        return cls(model.config.text_hidden_size, object_words(tokenizer)).to(model.device)
+
+    def runs(self, ids: list[int], question: range) -> list[list[tuple[int, tuple[str, str]]]]:
+        """The runs of adjacent object words in ``question`` ("red star"), each as (position, word)."""
+        runs = []
+        for position in question:
+            word = self.words.get(ids[position])
+            if word is None:
+                continue
+            if runs and runs[-1][-1][0] == position - 1:
+                runs[-1].append((position, word))
+            else:
+                runs.append([(position, word)])
+        return runs
+
+    def targets(self, input_ids: torch.Tensor, labels: torch.Tensor, scenes, turns):
+        """(row, position of the second object's last word, (first shape, second shape)) for each
+        "relative" question about a picture in which both names pick out one object. ``turns``: per
+        row, (image it is about, question kind) of each turn."""
+        found = []
+        for row, (pictures, asked) in enumerate(zip(scenes, turns, strict=True)):
+            ids = input_ids[row].tolist()
+            asked_before = 0
+            for turn, span in enumerate(answer_spans(labels[row])):
+                image, kind = asked[turn] if turn < len(asked) else (None, None)
+                question = range(asked_before, span.start)
+                asked_before = span.stop
+                if kind != "relative" or image is None or image >= len(pictures):
+                    continue
+                runs = self.runs(ids, question)
+                if len(runs) != 2:
+                    continue
+                named = []
+                for run in runs:
+                    fits = [s for s in pictures[image].shapes if all(getattr(s, f) == n for _, (f, n) in run)]
+                    named.append(fits[0] if len(fits) == 1 else None)
+                if None not in named:
+                    found.append((row, runs[-1][-1][0], tuple(named)))
+        return found
+
+    def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, scenes, turns):
+        """``hidden`` (B, L, H): the hooked layer's output for the batch whose ids are ``input_ids``."""
+        found = self.targets(input_ids, labels, scenes, turns)
+        if not found:
+            return hidden.sum() * 0.0
+        words, pairs = picked(hidden, found)
+        gaps = torch.tensor([(b.x - a.x, b.y - a.y) for a, b in pairs], device=hidden.device)
+        asked = (gaps.abs() >= self.MARGIN).float()
+        return torch.nn.functional.binary_cross_entropy_with_logits(
+            self.sides(words), (gaps > 0).float(), weight=asked, reduction="sum"
+        ) / asked.sum().clamp(min=1)
+
+
+class CountProbe(LayerOutputProbe):
+    """A training-only head on the next-to-last decoder layer's output at every colour or shape
+    word of a question: how many objects it names in each picture shown so far (zero to four), a
+    shape word right after a colour word naming the objects of both ("red star").
+
+    Asked "how many red objects are there?", the embedded model said "One." whenever one was there,
+    and "One." for every two or three as well: the grounding probe has a word look at the objects
+    it names, and a look averages what it sees. "Is there a red star?", "which image has a red
+    star?" and "how many ...?" all need a word's count in each picture, none at all included; this
+    asks for it at the word. Dropped from the exported model like the other heads. Not in the
+    recipe yet: the answers still say "One." for every two or three; what it did help is "Zero."
+    and "which image", which the relation probe alone had pulled down.
+    """
+
+    layer = -2  # the third of the embedded model's four
+    PICTURES = 4
+
+    def __init__(self, width: int, per_image: int, words: dict[int, tuple[str, str]]):
+        from owl.data.scenes import MAX_OBJECTS
+
+        super().__init__()
+        self.per_image, self.words = per_image, words
+        self.counts = MAX_OBJECTS + 1
+        self.count = torch.nn.Linear(width, self.PICTURES * self.counts)
+
+    @classmethod
+    def for_model(cls, model, tokenizer) -> CountProbe:
+        return cls(model.config.text_hidden_size, model.config.num_image_tokens, object_words(tokenizer)).to(
+            model.device
+        )
+
+    def targets(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, scenes
+    ) -> list[tuple[int, int, list[int]]]:
+        """(row, position, the count in each picture shown before it) for each object word outside
+        the answers after at least one picture."""
+        found = []
+        for row, pictures in enumerate(scenes):
+            ids, answers = input_ids[row].tolist(), labels[row].tolist()
+            starts = picture_starts(ids, self.per_image)
+            for position, token in enumerate(ids):
+                if token not in self.words or answers[position] != IGNORE:
+                    continue
+                shown = min(sum(start < position for start in starts), len(pictures), self.PICTURES)
+                if not shown:
+                    continue
+                wanted = dict([self.words[token]])
+                before = self.words.get(ids[position - 1])
+                if wanted.get("kind") and before is not None and before[0] == "colour":
+                    wanted["colour"] = before[1]
+                counts = [
+                    sum(
+                        all(getattr(s, field) == name for field, name in wanted.items()) for s in scene.shapes
+                    )
+                    for scene in pictures[:shown]
+                ]
+                found.append((row, position, counts))
+        return found
+
+    def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, scenes):
+        found = self.targets(input_ids, labels, scenes)
+        if not found:
+            return hidden.sum() * 0.0
+        words, counts = picked(hidden, found)
+        wanted = torch.full((len(counts), self.PICTURES), IGNORE, dtype=torch.long)
+        for i, row in enumerate(counts):
+            wanted[i, : len(row)] = torch.tensor(row)
+        logits = self.count(words).view(len(counts), self.PICTURES, self.counts)
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), wanted.flatten().to(hidden.device), ignore_index=IGNORE
+        )
+
+
 def vision_layouts(seed: int, first: int, count: int, min_objects: int = 1):
     """Pictures for the vision stage: ``count`` (scene, settings, image) from index ``first`` on,
     each with ``min_objects`` to four objects (more objects: more to learn from per picture)."""
@@ -1293,6 +1447,8 @@ class TrainSettings:
     answer_probe: float = 0.0  # synthetic data: weight of the attention-to-described-objects probe
     summary_probe: float = 0.0  # synthetic data: weight of the each-picture-sums-itself-up probe
     comparison_probe: float = 0.0  # synthetic data: weight of the read-both-pictures probe
+    relation_probe: float = 0.0  # synthetic data: weight of the compare-two-named-places probe
+    count_probe: float = 0.0  # synthetic data: weight of the how-many-a-word-names probe
     autocast: str = "none"  # or "bfloat16": mixed-precision forward passes
     freeze_vision: bool = False  # keep the vision tower as it is (after the vision stage, if any)
     vision_steps: int = 0  # synthetic data from scratch: steps of the vision stage before the rest
@@ -1403,6 +1559,10 @@ def train(settings: TrainSettings) -> Path:
         probes["summary"] = SummaryProbe.for_model(model)
     if synthetic and settings.comparison_probe:
         probes["comparison"] = ComparisonProbe.for_model(model, tokenizer)
+    if synthetic and settings.relation_probe:
+        probes["relation"] = RelationProbe.for_model(model, tokenizer)
+    if synthetic and settings.count_probe:
+        probes["count"] = CountProbe.for_model(model, tokenizer)
     if vision_done:
         _save(model, tokenizer, None, None, 0, out, settings, probes)  # --resume starts after this stage
     weights = trainable_parameters(model)
@@ -1576,6 +1736,8 @@ def _loss_with_probes(model, probes, batch: Batch, drawn, settings: TrainSetting
             ("order", OrderProbe.part(model) if "order" in probes else None),
             ("binding", BindingProbe.part(model) if "binding" in probes else None),
             ("summary", SummaryProbe.part(model) if "summary" in probes else None),
+            ("relation", RelationProbe.part(model) if "relation" in probes else None),
+            ("count", CountProbe.part(model) if "count" in probes else None),
         )
         if name in probes
     ]
@@ -1611,6 +1773,8 @@ def _loss_with_probes(model, probes, batch: Batch, drawn, settings: TrainSetting
         "summary": (settings.summary_probe, (batch.input_ids, pictures)),
         "answer": (settings.answer_probe, (batch.input_ids, batch.labels, pictures, references)),
         "comparison": (settings.comparison_probe, (batch.input_ids, batch.labels, pictures, turns)),
+        "relation": (settings.relation_probe, (batch.input_ids, batch.labels, pictures, turns)),
+        "count": (settings.count_probe, (batch.input_ids, batch.labels, pictures)),
     }
     for name, outputs in captured.items():
         weight, given = asked[name]
@@ -1803,6 +1967,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
         ("answer-probe", float),
         ("summary-probe", float),
         ("comparison-probe", float),
+        ("relation-probe", float),
+        ("count-probe", float),
         ("vision-steps", int),
         ("vision-batch-size", int),
         ("vision-lr", float),

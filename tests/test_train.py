@@ -622,6 +622,142 @@ def test_binding_probe_teaches_the_first_layer_to_bring_the_named_object_to_its_
     assert torch.allclose(probe.position(word), torch.tensor([[0.2, 0.3], [0.8, 0.75]]), atol=0.1)
 
 
+def test_relation_probe_compares_the_two_named_objects_at_the_second_ones_word():
+    from owl.data.scenes import Scene, Shape
+    from owl.train import RelationProbe
+
+    red, star, circle, blue = 50, 51, 52, 53
+    words = {
+        red: ("colour", "red"),
+        star: ("kind", "star"),
+        circle: ("kind", "circle"),
+        blue: ("colour", "blue"),
+    }
+    probe = RelationProbe(8, words)
+    scene = Scene(
+        "white",
+        (
+            Shape("star", "blue", "small", 0.8, 0.3, 0.07),
+            Shape("circle", "red", "large", 0.25, 0.35, 0.15),
+            Shape("star", "red", "small", 0.5, 0.9, 0.07),
+        ),
+    )
+    s, ai = IMAGE_TOKEN_ID, 9
+    # "<image> is the blue star above the circle? AI: Above. is the red star ... the red circle? AI: Below."
+    ids = torch.tensor(
+        [[4, s, s, s, 7, blue, star, 8, circle, 10, ai, 30, 2, 7, red, star, 8, red, circle, 10, ai, 31, 2]]
+    )
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 11:13] = ids[0, 11:13]
+    labels[0, 21:23] = ids[0, 21:23]
+    turns = [[(0, "relative"), (0, "relative")]]
+    found = probe.targets(ids, labels, [[scene]], turns)
+    assert [(row, position) for row, position, _ in found] == [(0, 8), (0, 18)]
+    assert [(a.colour, a.kind, b.colour, b.kind) for _, _, (a, b) in found] == [
+        ("blue", "star", "red", "circle"),
+        ("red", "star", "red", "circle"),
+    ]
+    assert probe.targets(ids, labels, [[scene]], [[(0, "where"), (0, "colour")]]) == []
+    # "star" alone names two objects: no comparison is asked
+    ids[0, 5] = 4
+    assert [position for _, position, _ in probe.targets(ids, labels, [[scene]], turns)] == [18]
+    # the blue star and the red circle are 0.05 apart vertically: only across is asked; the red star
+    # is right of and below the red circle
+    hidden = torch.zeros(1, ids.shape[1], 8)
+    with torch.no_grad():
+        probe.sides.bias.copy_(torch.tensor([-9.0, 9.0]))  # "left of: no", "above: yes"
+    ids[0, 5] = blue
+    assert probe.loss(hidden, ids, labels, [[scene]], turns).item() == pytest.approx(
+        (math.log1p(math.exp(-9)) * 2 + math.log1p(math.exp(9))) / 3, rel=1e-4
+    )
+
+
+def test_relation_probe_teaches_the_second_layer_to_compare_two_places_at_the_word():
+    """Two rows alike but for their pictures (the star left of and above the circle, then right of
+    and below it); trained through the probe alone, the second layer's output at "circle" says so."""
+    from owl.data.scenes import Scene, Shape
+    from owl.train import RelationProbe
+
+    torch.manual_seed(0)
+    model = make_tiny()
+    per_image, star, circle, ai = model.config.num_image_tokens, 20, 21, 22
+    probe = RelationProbe(model.config.text_hidden_size, {star: ("kind", "star"), circle: ("kind", "circle")})
+    scenes = [
+        [
+            Scene(
+                "white",
+                (
+                    Shape("star", "blue", "small", 0.2, 0.3, 0.07),
+                    Shape("circle", "red", "large", 0.7, 0.8, 0.15),
+                ),
+            )
+        ],
+        [
+            Scene(
+                "white",
+                (
+                    Shape("star", "blue", "small", 0.8, 0.75, 0.07),
+                    Shape("circle", "red", "large", 0.3, 0.2, 0.15),
+                ),
+            )
+        ],
+    ]
+    ids = torch.tensor([[5, 6, *[IMAGE_TOKEN_ID] * per_image, 7, star, 8, circle, ai, 9, 2]] * 2)
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -2:] = ids[:, -2:]
+    turns = [[(0, "relative")], [(0, "relative")]]
+    size = model.config.vision.image_size
+    pixels = torch.randn(2, 3, size, size)
+    layers = model.language_model.get_decoder().layers
+    assert RelationProbe.part(model) is layers[1]
+    params = [*layers.parameters(), *probe.parameters()]
+    hidden = train_through(
+        model, layers[1], params, lambda out: probe.loss(out, ids, labels, scenes, turns), ids, pixels
+    )
+    word = hidden[:, per_image + 5]
+    assert (probe.sides(word) > 0).tolist() == [[True, True], [False, False]]
+
+
+def test_count_probe_asks_each_question_word_how_many_objects_it_names_in_each_picture():
+    from owl.data.scenes import Scene, Shape
+    from owl.train import CountProbe
+
+    red, stars, star = 50, 51, 52
+    words = {red: ("colour", "red"), stars: ("kind", "star"), star: ("kind", "star")}
+    probe = CountProbe(8, per_image=3, words=words)
+    first = Scene(
+        "white",
+        (
+            Shape("star", "red", "small", 0.2, 0.3, 0.07),
+            Shape("star", "blue", "small", 0.8, 0.3, 0.07),
+            Shape("circle", "red", "large", 0.5, 0.8, 0.15),
+        ),
+    )
+    second = Scene("black", (Shape("square", "green", "small", 0.5, 0.5, 0.07),))
+    s = IMAGE_TOKEN_ID
+    ids = torch.tensor(
+        [[4, red, s, s, s, 7, stars, 8, red, 9, red, star, 10, s, s, s, 8, red, star, 11, stars]]
+    )
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 20] = stars  # an answer word: not asked
+    found = probe.targets(ids, labels, [[first, second]])
+    assert found == [
+        (0, 6, [2]),  # two stars
+        (0, 8, [2]),  # two red objects
+        (0, 10, [2]),
+        (0, 11, [1]),  # "red star": one
+        (0, 17, [2, 0]),  # after the second picture, a count for each
+        (0, 18, [1, 0]),
+    ]  # "red" before any picture: not asked
+    hidden = torch.zeros(1, ids.shape[1], 8)
+    with torch.no_grad():
+        probe.count.bias.zero_()
+        probe.count.bias[2] = 20.0  # the first picture: "two"
+        probe.count.bias[probe.counts] = 20.0  # the second: "none"
+    # wrong at the two "red star" counts of one in the first picture, right everywhere else
+    assert probe.loss(hidden, ids, labels, [[first, second]]).item() == pytest.approx(2 * 20 / 8, rel=1e-3)
+
+
 def test_length_groups_batch_examples_of_about_one_length_and_use_each_once():
     """Each pool's examples come out once, in batches sorted by length (less padding than taking
     them in order), and batch ``u`` is the same whenever it is asked for, as on a resumed run."""
@@ -715,12 +851,20 @@ def test_the_tiny_recipe_runs_its_stages_and_resumes(tmp_path):
     saved = torch.load(out / "vision" / "training_state.pt", weights_only=True)
     assert saved["step"] == 0 and not any(k.startswith("binding.") for k in saved["probes"])
     # a probe turned on when resuming starts afresh beside the saved ones
-    resumed = ["--steps", "1", "--resume", "--binding-probe", "0.5"]
+    resumed = [
+        "--steps",
+        "1",
+        "--resume",
+        "--binding-probe",
+        "0.5",
+        "--relation-probe",
+        "0.5",
+        "--count-probe",
+        "1",
+    ]
     train(parse_args(["--recipe", "tiny", "--out", str(out / "vision"), *small, *resumed]))
-    assert any(
-        k.startswith("binding.")
-        for k in torch.load(out / "vision" / "training_state.pt", weights_only=True)["probes"]
-    )
+    probes = torch.load(out / "vision" / "training_state.pt", weights_only=True)["probes"]
+    assert all(any(k.startswith(f"{name}.") for k in probes) for name in ("binding", "relation", "count"))
     after_two = load_file(out / "latest" / "model.safetensors")
     state = torch.load(out / "training_state.pt", weights_only=True)
     assert state["step"] == 2
