@@ -263,6 +263,18 @@ def train_through(model, part, params, loss_of, ids, pixels, steps: int = 150) -
     return captured[0]
 
 
+def train_probe_layer(model, probe, index: int, loss_of, ids) -> torch.Tensor:
+    """Trains the decoder layers and ``probe`` through ``loss_of(output of layer index)`` alone, on
+    random pictures; checks that layer is the one the probe hooks and returns its output after."""
+    size = model.config.vision.image_size
+    pixels = torch.randn(ids.shape[0], 3, size, size)
+    layers = model.language_model.get_decoder().layers
+    assert type(probe).part(model) is layers[index]
+    return train_through(
+        model, layers[index], [*layers.parameters(), *probe.parameters()], loss_of, ids, pixels
+    )
+
+
 def train_attention(model, probe, loss_of, ids, pixels, steps: int = 60) -> torch.Tensor:
     """Trains the language model through ``loss_of(what the probe captured)`` alone; returns the
     last loss."""
@@ -462,30 +474,23 @@ def test_summary_probe_teaches_a_pictures_last_vector_what_the_picture_holds():
     probe = SummaryProbe.for_model(model)
     first, second = grounding_scenes()
     ids = torch.tensor([[5, 6, *[IMAGE_TOKEN_ID] * per_image, 7]] * 2)
-    size = model.config.vision.image_size
-    pixels = torch.randn(2, 3, size, size)
-    layers = model.language_model.get_decoder().layers
-    assert SummaryProbe.part(model) is layers[1]
-    params = [*layers.parameters(), *probe.parameters()]
-    hidden = train_through(
-        model, layers[1], params, lambda out: probe.loss(out, ids, [[first], [second]]), ids, pixels
-    )
+    hidden = train_probe_layer(model, probe, 1, lambda out: probe.loss(out, ids, [[first], [second]]), ids)
     end = hidden[:, 2 + per_image - 1]
     assert (probe.count(end).argmax(-1) + 1).tolist() == [2, 1]
     shapes = [[probe.kinds[i] for i in (row > 0).nonzero().flatten()] for row in probe.shapes(end)]
     assert shapes == [["circle", "star"], ["star"]]
 
 
+def four_words() -> dict[int, tuple[str, str]]:
+    """Token ids 50-53 as "red", "star", "circle", "blue"."""
+    return {50: ("colour", "red"), 51: ("kind", "star"), 52: ("kind", "circle"), 53: ("colour", "blue")}
+
+
 def test_answer_probe_asks_each_answer_word_about_what_it_describes_in_the_turns_picture():
     from owl.train import AnswerProbe
 
     red, star, circle, blue = 50, 51, 52, 53
-    words = {
-        red: ("colour", "red"),
-        star: ("kind", "star"),
-        circle: ("kind", "circle"),
-        blue: ("colour", "blue"),
-    }
+    words = four_words()
     probe = AnswerProbe(per_image=5, grid=2, words=words)
     first, second = grounding_scenes()  # cells (2x2): blue star 1, red circle 2; red star 0
     s = IMAGE_TOKEN_ID
@@ -627,12 +632,7 @@ def test_relation_probe_compares_the_two_named_objects_at_the_second_ones_word()
     from owl.train import RelationProbe
 
     red, star, circle, blue = 50, 51, 52, 53
-    words = {
-        red: ("colour", "red"),
-        star: ("kind", "star"),
-        circle: ("kind", "circle"),
-        blue: ("colour", "blue"),
-    }
+    words = four_words()
     probe = RelationProbe(8, words)
     scene = Scene(
         "white",
@@ -706,14 +706,7 @@ def test_relation_probe_teaches_the_second_layer_to_compare_two_places_at_the_wo
     labels = torch.full_like(ids, IGNORE)
     labels[:, -2:] = ids[:, -2:]
     turns = [[(0, "relative")], [(0, "relative")]]
-    size = model.config.vision.image_size
-    pixels = torch.randn(2, 3, size, size)
-    layers = model.language_model.get_decoder().layers
-    assert RelationProbe.part(model) is layers[1]
-    params = [*layers.parameters(), *probe.parameters()]
-    hidden = train_through(
-        model, layers[1], params, lambda out: probe.loss(out, ids, labels, scenes, turns), ids, pixels
-    )
+    hidden = train_probe_layer(model, probe, 1, lambda out: probe.loss(out, ids, labels, scenes, turns), ids)
     word = hidden[:, per_image + 5]
     assert (probe.sides(word) > 0).tolist() == [[True, True], [False, False]]
 
