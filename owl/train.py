@@ -573,6 +573,34 @@ def answer_spans(labels: torch.Tensor) -> list[range]:
     return spans
 
 
+def asked_turns(labels: torch.Tensor, asked: list) -> list[tuple[range, range, object, object]]:
+    """(question, answer, image, kind) for each answer span in a row of ``labels``: the positions
+    from the previous answer's end to this one's start, its own positions, and the turn's (image it
+    is about, question kind) from ``asked`` ((None, None) past its end)."""
+    found, asked_before = [], 0
+    for turn, span in enumerate(answer_spans(labels)):
+        image, kind = asked[turn] if turn < len(asked) else (None, None)
+        found.append((range(asked_before, span.start), span, image, kind))
+        asked_before = span.stop
+    return found
+
+
+def named_at(words: dict[int, tuple[str, str]], ids: list[int], position: int) -> dict[str, str]:
+    """What the object word at ``position`` asks of a shape ({"kind": "star"}); a shape word right
+    after a colour word asks both ("red star")."""
+    field, name = words[ids[position]]
+    wanted = {field: name}
+    before = words.get(ids[position - 1]) if position > 0 else None
+    if field == "kind" and before is not None and before[0] == "colour":
+        wanted["colour"] = before[1]
+    return wanted
+
+
+def fits(shape, wanted: dict[str, str]) -> bool:
+    """Whether ``shape`` is what ``wanted`` (field: name) describes."""
+    return all(getattr(shape, field) == name for field, name in wanted.items())
+
+
 class LayerOutputProbe(torch.nn.Module):
     """Training-only heads on the output of one decoder layer (``layer``)."""
 
@@ -907,7 +935,6 @@ class SummaryProbe(LayerOutputProbe):
             ],
             device=device,
         )
-
         bce = torch.nn.functional.binary_cross_entropy_with_logits
         return (
             torch.nn.functional.cross_entropy(self.count(summaries), counts)
@@ -949,16 +976,12 @@ class AnswerProbe(ObjectAttentionProbe):
                 if image is None or image >= min(len(pictures), len(starts)):
                     continue
                 for position in span:
-                    word = self.words.get(ids[position])
-                    if word is not None and position > 0:
-                        wanted = {word[0]: word[1]}
-                        before = self.words.get(ids[position - 1])
-                        if word[0] == "kind" and before is not None and before[0] == "colour":
-                            wanted["colour"] = before[1]
+                    if ids[position] in self.words and position > 0:
+                        wanted = named_at(self.words, ids, position)
                         named = [
                             starts[image] + query_cell(shape, self.grid)
                             for shape in pictures[image].shapes
-                            if all(getattr(shape, field) == name for field, name in wanted.items())
+                            if fits(shape, wanted)
                         ]
                         if named:
                             found.append((row, position - 1, sorted(set(named))))
@@ -998,13 +1021,9 @@ class ComparisonProbe(ObjectAttentionProbe):
         for row, (pictures, asked) in enumerate(zip(scenes, turns, strict=True)):
             ids = input_ids[row].tolist()
             starts, ends = picture_starts(ids, self.per_image), picture_ends(ids, self.per_image)
-            asked_before = 0
-            for turn, span in enumerate(answer_spans(labels[row])):
-                image, kind = asked[turn] if turn < len(asked) else (None, None)
-                question = [ids[p] for p in range(asked_before, span.start)]
-                asked_before = span.stop
+            for question, span, image, kind in asked_turns(labels[row], asked):
                 shown = min(len(pictures), sum(end < span.start for end in ends))
-                heads = self.looks(kind, image, question, pictures[:shown], starts, ends)
+                heads = self.looks(kind, image, [ids[p] for p in question], pictures[:shown], starts, ends)
                 if heads is not None:
                     found += [(row, p - 1, heads) for p in span]
         return found
@@ -1024,7 +1043,7 @@ class ComparisonProbe(ObjectAttentionProbe):
             starts[index] + query_cell(shape, self.grid)
             for index in (0, 1)
             for shape in pictures[index].shapes
-            if wanted and all(getattr(shape, field) == name for field, name in wanted.items())
+            if wanted and fits(shape, wanted)
         )
         return [looked] * self.heads if looked else None
 
@@ -1151,11 +1170,7 @@ class RelationProbe(LayerOutputProbe):
         found = []
         for row, (pictures, asked) in enumerate(zip(scenes, turns, strict=True)):
             ids = input_ids[row].tolist()
-            asked_before = 0
-            for turn, span in enumerate(answer_spans(labels[row])):
-                image, kind = asked[turn] if turn < len(asked) else (None, None)
-                question = range(asked_before, span.start)
-                asked_before = span.stop
+            for question, _, image, kind in asked_turns(labels[row], asked):
                 if kind != "relative" or image is None or image >= len(pictures):
                     continue
                 runs = self.runs(ids, question)
@@ -1163,8 +1178,12 @@ class RelationProbe(LayerOutputProbe):
                     continue
                 named = []
                 for run in runs:
-                    fits = [s for s in pictures[image].shapes if all(getattr(s, f) == n for _, (f, n) in run)]
-                    named.append(fits[0] if len(fits) == 1 else None)
+                    matching = [
+                        shape
+                        for shape in pictures[image].shapes
+                        if all(fits(shape, dict([word])) for _, word in run)
+                    ]
+                    named.append(matching[0] if len(matching) == 1 else None)
                 if None not in named:
                     found.append((row, runs[-1][-1][0], tuple(named)))
         return found
@@ -1228,16 +1247,8 @@ class CountProbe(LayerOutputProbe):
                 shown = min(sum(start < position for start in starts), len(pictures), self.PICTURES)
                 if not shown:
                     continue
-                wanted = dict([self.words[token]])
-                before = self.words.get(ids[position - 1])
-                if wanted.get("kind") and before is not None and before[0] == "colour":
-                    wanted["colour"] = before[1]
-                counts = [
-                    sum(
-                        all(getattr(s, field) == name for field, name in wanted.items()) for s in scene.shapes
-                    )
-                    for scene in pictures[:shown]
-                ]
+                wanted = named_at(self.words, ids, position)
+                counts = [sum(fits(shape, wanted) for shape in scene.shapes) for scene in pictures[:shown]]
                 found.append((row, position, counts))
         return found
 
