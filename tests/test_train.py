@@ -751,6 +751,201 @@ def test_count_probe_asks_each_question_word_how_many_objects_it_names_in_each_p
     assert probe.loss(hidden, ids, labels, [[first, second]]).item() == pytest.approx(2 * 20 / 8, rel=1e-3)
 
 
+def tally_scene():
+    from owl.data.scenes import Scene, Shape
+
+    # cells of a 2x2 grid: two red stars share cell 0, a blue star in cell 1, a red circle in cell 3
+    return Scene(
+        "white",
+        (
+            Shape("star", "red", "small", 0.1, 0.2, 0.05),
+            Shape("star", "red", "small", 0.3, 0.4, 0.05),
+            Shape("star", "blue", "small", 0.8, 0.3, 0.05),
+            Shape("circle", "red", "large", 0.7, 0.7, 0.15),
+        ),
+    )
+
+
+def test_tally_probe_asks_where_a_count_begins_for_its_objects_beside_its_own_position():
+    from owl.data.scenes import Scene, Shape
+    from owl.train import ComparisonProbe, TallyProbe
+
+    red, star, circle, blue = 50, 51, 52, 53
+    probe = TallyProbe(per_image=5, grid=2, words=four_words())
+    model = make_tiny()
+    assert TallyProbe.part(model) is ComparisonProbe.part(model)
+    assert TallyProbe.first_head >= ComparisonProbe.first_head + ComparisonProbe.heads
+    second = Scene("black", (Shape("star", "green", "small", 0.8, 0.8, 0.05),))
+    s, ai = IMAGE_TOKEN_ID, 9
+    # "<image> how many red? AI: Three. how many objects? AI: Four. <image> how many stars in the
+    # second? AI: One. how many red star? AI: ... how many blue circle? AI: ..., and a colour question"
+    ids = torch.tensor(
+        [
+            [
+                *[1, *[s] * 5, 7, red, ai, 30, 2],
+                *[7, ai, 31, 2],
+                *[*[s] * 5, 7, star, 8, ai, 32, 2],
+                *[7, red, star, ai, 33, 2],
+                *[7, blue, circle, ai, 34, 2],
+                *[7, red, ai, 35, 2],
+            ]
+        ]
+    )
+    labels = torch.full_like(ids, IGNORE)
+    for start in (9, 13, 24, 30, 36, 41):
+        labels[0, start : start + 2] = ids[0, start : start + 2]
+    turns = [
+        [
+            (0, "count_colour"),
+            (0, "count"),
+            (1, "count_shape"),
+            (0, "count_shape"),
+            (0, "count_shape"),
+            (0, "colour"),
+        ]
+    ]
+    assert probe.targets(ids, labels, [[tally_scene(), second]], turns) == [
+        (0, 8, [1, 1, 4]),  # three red objects: the two red stars of cell 0 count twice
+        (0, 12, [1, 1, 2, 4]),  # every object
+        (0, 23, [18]),  # the second picture's star
+        (0, 29, [1, 1]),  # "red star"
+        (0, 35, []),  # no blue circle: nothing but the position itself
+    ]  # a colour question is not asked
+    # the loss: the cross-entropy against those shares (1/(n+1) on each object and on the position
+    # itself), here for attention scores of log 3 on the position itself, log 5 on cell 0 of the
+    # first picture and 0 elsewhere: log(sum of e^score) - share(itself) log 3 - share(cell 0) log 5
+    scores = torch.zeros(5, 1, ids.shape[1])
+    for k, position in enumerate((8, 12, 23, 29, 35)):
+        scores[k, 0, position] = math.log(3)
+    scores[:, 0, 1] = math.log(5)
+    probe.scores = lambda captured, rows, positions: scores[: len(rows)]
+    log3, log5 = math.log(3), math.log(5)
+    expected = [
+        math.log(9 + 6) - log3 / 4 - log5 / 2,  # 9 keys visible
+        math.log(13 + 6) - log3 / 5 - log5 * 2 / 5,
+        math.log(24 + 6) - log3 / 2,
+        math.log(30 + 6) - log3 / 3 - log5 * 2 / 3,
+        math.log(36 + 6) - log3,
+    ]
+    captured = (None, torch.zeros(1, ids.shape[1], 8), None)
+    loss = probe.loss(captured, ids, labels, [[tally_scene(), second]], turns)
+    assert loss.item() == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+
+
+def test_tally_probe_teaches_a_share_kept_at_home_that_falls_with_each_object_counted():
+    """Two rows alike but for the word of the question ("star": three of them, "circle": one);
+    trained through the probe alone, the head keeps a quarter of its attention on its own position
+    in one row and half in the other. Three decoder layers, so that the one asked (the next to
+    last) comes after one that can bring the question's word to where the answer begins."""
+    from owl.checkpoint import build_model
+    from owl.config import preset
+    from owl.model import init_weights
+    from owl.train import TallyProbe
+
+    torch.manual_seed(0)
+    config = preset("tiny")
+    config = config.replace(text={**config.text, "num_hidden_layers": 3})
+    model = build_model(config, device=torch.device("cpu"), dtype=torch.float32)
+    model = init_weights(model, seed=0, std=0.2).eval()
+    per_image, star, circle, ai = model.config.num_image_tokens, 20, 21, 22
+    probe = TallyProbe(per_image, 2, {star: ("kind", "star"), circle: ("kind", "circle")})
+    ids = torch.tensor(
+        [[1, 6, *[IMAGE_TOKEN_ID] * per_image, 7, word, 8, ai, 9, 2] for word in (star, circle)]
+    )
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -2:] = ids[:, -2:]
+    size = model.config.vision.image_size
+    pixels = torch.randn(1, 3, size, size).repeat(2, 1, 1, 1)
+    scenes, turns = [[tally_scene()], [tally_scene()]], [[(0, "count_shape")], [(0, "count_shape")]]
+    captured = []
+    hook = probe.part(model).register_forward_pre_hook(
+        lambda *call: captured.append(probe.capture(*call)), with_kwargs=True
+    )
+    try:
+        loss_of = lambda out: probe.loss(out, ids, labels, scenes, turns)  # noqa: E731
+        fit(model, model.language_model.parameters(), captured, loss_of, ids, pixels, 150)
+        captured.clear()
+        with torch.no_grad():
+            model(ids, pixels)
+    finally:
+        hook.remove()
+    home = ids.shape[1] - 3
+    assert [position for _, position, _ in probe.targets(ids, labels, scenes, turns)] == [home, home]
+    attention = torch.softmax(probe.scores(captured[0], [0, 1], torch.tensor([home, home])), -1)
+    assert torch.allclose(attention[:, 0, home], torch.tensor([1 / 4, 1 / 2]), atol=0.08)
+
+
+def test_where_probe_asks_where_a_where_answer_starts_for_the_named_objects_bands():
+    from owl.data.scenes import Scene, Shape
+    from owl.train import WhereProbe
+
+    red, star, circle, blue = 50, 51, 52, 53
+    probe = WhereProbe(8, four_words())
+    scene = Scene(
+        "white",
+        (
+            Shape("star", "blue", "small", 0.2, 0.5, 0.07),  # left, middle
+            Shape("circle", "red", "large", 0.5, 0.8, 0.15),  # middle, bottom
+            Shape("star", "red", "small", 0.8, 0.4, 0.07),  # right, neither band
+        ),
+    )
+    s, ai = IMAGE_TOKEN_ID, 9
+    # "<image> where is the blue star? AI: On the left. where is the circle? AI: At the bottom.
+    # where is the star? AI: ...  where is the red star? AI: ...  (and a colour question)"
+    ids = torch.tensor(
+        [
+            [
+                *[1, s, s, s, 7, blue, star, 10, ai, 30, 2],
+                *[7, circle, 10, ai, 31, 2],
+                *[7, star, 10, ai, 32, 2],
+                *[7, red, star, 10, ai, 33, 2],
+                *[7, circle, 10, ai, 34, 2],
+            ]
+        ]
+    )
+    labels = torch.full_like(ids, IGNORE)
+    for start in (9, 15, 21, 28, 34):
+        labels[0, start : start + 2] = ids[0, start : start + 2]
+    turns = [[(0, "where")] * 4 + [(0, "colour")]]
+    # "star" alone names two objects, the red star is between bands down, the last turn is not a
+    # "where" question: none of them is asked
+    assert probe.targets(ids, labels, [[scene]], turns) == [
+        (0, 8, ("left", "middle")),
+        (0, 14, ("middle", "bottom")),
+    ]
+    hidden = torch.zeros(1, ids.shape[1], 8)
+    with torch.no_grad():
+        probe.across.bias.copy_(torch.tensor([20.0, 0.0, 0.0]))  # "left"
+        probe.down.bias.copy_(torch.tensor([0.0, 20.0, 0.0]))  # "middle"
+    # across: right, then wrong by 20; down: right, then wrong by 20
+    assert probe.loss(hidden, ids, labels, [[scene]], turns).item() == pytest.approx((10 + 10) / 2, rel=1e-3)
+
+
+def test_where_probe_teaches_the_last_layer_the_bands_where_the_answer_begins():
+    """Two rows alike but for their pictures (the star at the middle left, then at the bottom
+    right); trained through the probe alone, the last layer's output where the answer begins says
+    so."""
+    from owl.data.scenes import Scene, Shape
+    from owl.train import WhereProbe
+
+    torch.manual_seed(0)
+    model = make_tiny()
+    per_image, star, ai = model.config.num_image_tokens, 20, 22
+    probe = WhereProbe(model.config.text_hidden_size, {star: ("kind", "star")})
+    scenes = [
+        [Scene("white", (Shape("star", "blue", "small", 0.2, 0.5, 0.07),))],
+        [Scene("white", (Shape("star", "blue", "small", 0.8, 0.8, 0.07),))],
+    ]
+    ids = torch.tensor([[5, 6, *[IMAGE_TOKEN_ID] * per_image, 7, star, 8, ai, 9, 2]] * 2)
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, -2:] = ids[:, -2:]
+    turns = [[(0, "where")], [(0, "where")]]
+    hidden = train_probe_layer(model, probe, -1, lambda out: probe.loss(out, ids, labels, scenes, turns), ids)
+    start = hidden[:, -3]
+    assert [probe.ACROSS[i] for i in probe.across(start).argmax(-1)] == ["left", "right"]
+    assert [probe.DOWN[i] for i in probe.down(start).argmax(-1)] == ["middle", "bottom"]
+
+
 def test_length_groups_batch_examples_of_about_one_length_and_use_each_once():
     """Each pool's examples come out once, in batches sorted by length (less padding than taking
     them in order), and batch ``u`` is the same whenever it is asked for, as on a resumed run."""
@@ -854,10 +1049,15 @@ def test_the_tiny_recipe_runs_its_stages_and_resumes(tmp_path):
         "0.5",
         "--count-probe",
         "1",
+        "--where-probe",
+        "1",
+        "--tally-probe",
+        "1",
     ]
     train(parse_args(["--recipe", "tiny", "--out", str(out / "vision"), *small, *resumed]))
     probes = torch.load(out / "vision" / "training_state.pt", weights_only=True)["probes"]
-    assert all(any(k.startswith(f"{name}.") for k in probes) for name in ("binding", "relation", "count"))
+    named = ("binding", "relation", "count", "where")  # the tally probe has no weights of its own
+    assert all(any(k.startswith(f"{name}.") for k in probes) for name in named)
     after_two = load_file(out / "latest" / "model.safetensors")
     state = torch.load(out / "training_state.pt", weights_only=True)
     assert state["step"] == 2
