@@ -1366,9 +1366,9 @@ class WhereProbe(LayerOutputProbe):
     first word, "On" against "At", was said at its rate in training, whatever the picture held.
     These heads ask for both bands where that word is chosen. Not in the recipe yet: in each of
     four runs with it (three of the language stage alone, one whole), "where" was answered right
-    78-81 % of the time against 70-72 % without it, "On the left." for the first time (2-4 of 7),
-    but with no count probe beside it the run lost "is there ...?" (53 %) as the relation probe
-    alone had.
+    78-81 % of the time against 70-78 % in eight runs without it, and an object halfway down got
+    "On the left." or "On the right." 4-5 times in 14 against at most once; but with no count probe
+    beside it the run lost "is there ...?" (53 %), as the relation probe alone had.
     """
 
     layer = -1
