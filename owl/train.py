@@ -588,15 +588,16 @@ def asked_turns(labels: torch.Tensor, asked: list) -> list[tuple[range, range, o
     return found
 
 
-def turns_about(input_ids: torch.Tensor, labels: torch.Tensor, scenes, turns, kinds):
-    """(row, its token ids, question, answer, image, its scene) for each turn of one of ``kinds``
-    about one picture shown (:func:`asked_turns`). ``scenes``: per row, the scene of each image in
-    order; ``turns``: per row, (image it is about, question kind) of each turn."""
+def turns_about(input_ids: torch.Tensor, labels: torch.Tensor, scenes, turns, kinds, words):
+    """(row, its token ids, the runs of object words of ``words`` in the question (:func:`word_runs`),
+    answer, image, its scene) for each turn of one of ``kinds`` about one picture shown
+    (:func:`asked_turns`). ``scenes``: per row, the scene of each image in order; ``turns``: per
+    row, (image it is about, question kind) of each turn."""
     for row, (pictures, asked) in enumerate(zip(scenes, turns, strict=True)):
         ids = input_ids[row].tolist()
         for question, span, image, kind in asked_turns(labels[row], asked):
             if kind in kinds and image is not None and image < len(pictures):
-                yield row, ids, question, span, image, pictures[image]
+                yield row, ids, word_runs(words, ids, question), span, image, pictures[image]
 
 
 def named_at(words: dict[int, tuple[str, str]], ids: list[int], position: int) -> dict[str, str]:
@@ -616,7 +617,8 @@ def fits(shape, wanted: dict[str, str]) -> bool:
 
 
 class LayerOutputProbe(torch.nn.Module):
-    """Training-only heads on the output of one decoder layer (``layer``)."""
+    """Training-only heads on the output of one decoder layer (``layer``), asked at the positions
+    :meth:`targets` picks, each with what is asked there; :meth:`scored` is the loss on them."""
 
     layer = 0
 
@@ -624,6 +626,23 @@ class LayerOutputProbe(torch.nn.Module):
     def part(cls, model) -> torch.nn.Module:
         """The decoder layer to hook (Llama- and BLOOM-style language models)."""
         return decoder_layers(model)[cls.layer]
+
+    def targets(self, *given) -> list[tuple[int, int, object]]:
+        """(row, position, what is asked there) from ``given`` (the batch's ids, and so on)."""
+        raise NotImplementedError
+
+    def scored(self, states: torch.Tensor, items: list) -> torch.Tensor:
+        """The loss on ``states`` (N, H; float32), the hooked layer's output at the targets, whose
+        items are ``items``."""
+        raise NotImplementedError
+
+    def loss(self, hidden: torch.Tensor, *given) -> torch.Tensor:
+        """``hidden`` (B, L, H): the hooked layer's output for the batch ``given`` describes (its ids
+        first); zero, in the graph, where :meth:`targets` finds nothing to ask."""
+        found = self.targets(*given)
+        if not found:
+            return hidden.sum() * 0.0
+        return self.scored(*picked(hidden, found))
 
 
 class OrderProbe(LayerOutputProbe):
@@ -709,6 +728,18 @@ class AttentionProbe(torch.nn.Module):
         scores = q.float() @ k.float().transpose(-1, -2) * attention.scaling  # (B, heads, L, L)
         return scores[torch.tensor(rows, device=device), :, positions]
 
+    def visible_scores(
+        self, captured: tuple, asked: list[tuple[int, int, object]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The asked heads' scores at each asked (row, position, ...), with the keys after the
+        position (which it cannot see) at minus infinity: (N, heads, L); and which keys each
+        position sees: (N, L)."""
+        _, hidden, _ = captured
+        positions = torch.tensor([position for _, position, _ in asked], device=hidden.device)
+        visible = torch.arange(hidden.shape[1], device=hidden.device)[None, :] <= positions[:, None]
+        scores = self.scores(captured, [row for row, _, _ in asked], positions)
+        return scores.masked_fill(~visible[:, None, :], float("-inf")), visible
+
     def attention_loss(self, captured: tuple, asked: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
         """``asked``: (row, position, boolean mask of the keys that position should look at: (L,)
         for every asked head, or (heads, L) for each in turn). Returns the mean over the asked
@@ -716,13 +747,9 @@ class AttentionProbe(torch.nn.Module):
         _, hidden, _ = captured
         if not asked:
             return hidden.sum() * 0.0
-        length, device = hidden.shape[1], hidden.device
-        positions = torch.tensor([position for _, position, _ in asked], device=device)
-        picked = self.scores(captured, [row for row, _, _ in asked], positions)  # (N, heads, L)
-        wanted = torch.stack([mask.expand(self.heads, length) for _, _, mask in asked]).to(device)
-        visible = torch.arange(length, device=device)[None, :] <= positions[:, None]  # causal
-        chosen = visible[:, None, :] & wanted  # (N, heads, L)
-        picked = picked.masked_fill(~visible[:, None, :], float("-inf"))
+        picked, visible = self.visible_scores(captured, asked)  # (N, heads, L)
+        wanted = torch.stack([mask.expand(self.heads, hidden.shape[1]) for _, _, mask in asked])
+        chosen = visible[:, None, :] & wanted.to(hidden.device)  # (N, heads, L)
         return (
             torch.logsumexp(picked, -1) - torch.logsumexp(picked.masked_fill(~chosen, float("-inf")), -1)
         ).mean()
@@ -734,12 +761,8 @@ class AttentionProbe(torch.nn.Module):
         _, hidden, _ = captured
         if not asked:
             return hidden.sum() * 0.0
-        device = hidden.device
-        positions = torch.tensor([position for _, position, _ in asked], device=device)
-        scores = self.scores(captured, [row for row, _, _ in asked], positions)  # (N, heads, L)
-        visible = torch.arange(hidden.shape[1], device=device)[None, :] <= positions[:, None]
-        logp = torch.log_softmax(scores.masked_fill(~visible[:, None, :], float("-inf")), -1)
-        shares = torch.stack([share for _, _, share in asked]).to(device)
+        logp = torch.log_softmax(self.visible_scores(captured, asked)[0], -1)
+        shares = torch.stack([share for _, _, share in asked]).to(hidden.device)
         return -(shares * logp.masked_fill(shares == 0, 0.0)).sum(-1).mean()
 
 
@@ -941,13 +964,8 @@ class SummaryProbe(LayerOutputProbe):
             found += [(row, end, scene) for end, scene in zip(ends, pictures, strict=False)]
         return found
 
-    def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, scenes) -> torch.Tensor:
-        """``hidden`` (B, L, H): the hooked layer's output for the batch whose ids are ``input_ids``."""
-        found = self.targets(input_ids, scenes)
-        if not found:
-            return hidden.sum() * 0.0
-        device = hidden.device
-        summaries, scenes = picked(hidden, found)
+    def scored(self, summaries: torch.Tensor, scenes: list) -> torch.Tensor:
+        device = summaries.device
         counts = torch.tensor([len(scene.shapes) - 1 for scene in scenes], device=device)
 
         def present(table, field):
@@ -1136,15 +1154,8 @@ class BindingProbe(LayerOutputProbe):
             if len(named) == 1
         ]
 
-    def loss(
-        self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, scenes
-    ) -> torch.Tensor:
-        """``hidden`` (B, L, H): the hooked layer's output for the batch whose ids are ``input_ids``."""
-        found = self.targets(input_ids, labels, scenes)
-        if not found:
-            return hidden.sum() * 0.0
-        device = hidden.device
-        words, shapes = picked(hidden, found)
+    def scored(self, words: torch.Tensor, shapes: list) -> torch.Tensor:
+        device = words.device
 
         def classes(table, field):
             return torch.tensor([table.index(getattr(shape, field)) for shape in shapes], device=device)
@@ -1190,20 +1201,16 @@ class RelationProbe(LayerOutputProbe):
         "relative" question about a picture in which both names pick out one object. ``turns``: per
         row, (image it is about, question kind) of each turn."""
         found = []
-        for row, ids, question, _, _, scene in turns_about(input_ids, labels, scenes, turns, ("relative",)):
-            runs = word_runs(self.words, ids, question)
+        for row, _, runs, _, _, scene in turns_about(
+            input_ids, labels, scenes, turns, ("relative",), self.words
+        ):
             named = [only_one(run, scene) for run in runs]
             if len(runs) == 2 and None not in named:
                 found.append((row, runs[-1][-1][0], tuple(named)))
         return found
 
-    def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, scenes, turns):
-        """``hidden`` (B, L, H): the hooked layer's output for the batch whose ids are ``input_ids``."""
-        found = self.targets(input_ids, labels, scenes, turns)
-        if not found:
-            return hidden.sum() * 0.0
-        words, pairs = picked(hidden, found)
-        gaps = torch.tensor([(b.x - a.x, b.y - a.y) for a, b in pairs], device=hidden.device)
+    def scored(self, words: torch.Tensor, pairs: list) -> torch.Tensor:
+        gaps = torch.tensor([(b.x - a.x, b.y - a.y) for a, b in pairs], device=words.device)
         asked = (gaps.abs() >= self.MARGIN).float()
         return torch.nn.functional.binary_cross_entropy_with_logits(
             self.sides(words), (gaps > 0).float(), weight=asked, reduction="sum"
@@ -1261,17 +1268,13 @@ class CountProbe(LayerOutputProbe):
                 found.append((row, position, counts))
         return found
 
-    def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, scenes):
-        found = self.targets(input_ids, labels, scenes)
-        if not found:
-            return hidden.sum() * 0.0
-        words, counts = picked(hidden, found)
+    def scored(self, words: torch.Tensor, counts: list) -> torch.Tensor:
         wanted = torch.full((len(counts), self.PICTURES), IGNORE, dtype=torch.long)
         for i, row in enumerate(counts):
             wanted[i, : len(row)] = torch.tensor(row)
         logits = self.count(words).view(len(counts), self.PICTURES, self.counts)
         return torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), wanted.flatten().to(hidden.device), ignore_index=IGNORE
+            logits.flatten(0, 1), wanted.flatten().to(words.device), ignore_index=IGNORE
         )
 
 
@@ -1306,11 +1309,10 @@ class TallyProbe(ObjectAttentionProbe):
         about one picture. ``scenes``: per row, the scene of each image in order; ``turns``: per
         row, (image it is about, question kind) of each turn."""
         found = []
-        for row, ids, question, span, image, scene in turns_about(
-            input_ids, labels, scenes, turns, self.KINDS
+        for row, ids, runs, span, image, scene in turns_about(
+            input_ids, labels, scenes, turns, self.KINDS, self.words
         ):
             starts = picture_starts(ids, self.per_image)
-            runs = word_runs(self.words, ids, question)
             if image >= len(starts) or len(runs) > 1:
                 continue
             wanted = dict(word for _, word in runs[0]) if runs else {}
@@ -1394,21 +1396,18 @@ class WhereProbe(LayerOutputProbe):
         from owl.data.dialogues import horizontal, vertical
 
         found = []
-        for row, ids, question, span, _, scene in turns_about(input_ids, labels, scenes, turns, ("where",)):
-            runs = word_runs(self.words, ids, question)
+        for row, _, runs, span, _, scene in turns_about(
+            input_ids, labels, scenes, turns, ("where",), self.words
+        ):
             shape = only_one(runs[0], scene) if len(runs) == 1 else None
-            if shape is not None and horizontal(shape) and vertical(shape):
-                found.append((row, span.start - 1, (horizontal(shape), vertical(shape))))
+            bands = (horizontal(shape), vertical(shape)) if shape is not None else (None, None)
+            if None not in bands:
+                found.append((row, span.start - 1, bands))
         return found
 
-    def loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, scenes, turns):
-        """``hidden`` (B, L, H): the hooked layer's output for the batch whose ids are ``input_ids``."""
-        found = self.targets(input_ids, labels, scenes, turns)
-        if not found:
-            return hidden.sum() * 0.0
-        words, bands = picked(hidden, found)
-        across = torch.tensor([self.ACROSS.index(a) for a, _ in bands], device=hidden.device)
-        down = torch.tensor([self.DOWN.index(d) for _, d in bands], device=hidden.device)
+    def scored(self, words: torch.Tensor, bands: list) -> torch.Tensor:
+        across = torch.tensor([self.ACROSS.index(a) for a, _ in bands], device=words.device)
+        down = torch.tensor([self.DOWN.index(d) for _, d in bands], device=words.device)
         ce = torch.nn.functional.cross_entropy
         return (ce(self.across(words), across) + ce(self.down(words), down)) / 2
 
@@ -1705,28 +1704,21 @@ def train(settings: TrainSettings) -> Path:
         probes["object"] = trained if trained is not None else ObjectProbe.for_model(model)
     if synthetic and settings.query_probe:
         probes["query"] = trained_queries if trained_queries is not None else QueryProbe.for_model(model)
-    if synthetic and settings.order_probe:
-        probes["order"] = OrderProbe.for_model(model)
-    if synthetic and settings.reference_probe:
-        probes["reference"] = ReferenceProbe.for_model(model)
-    if synthetic and settings.grounding_probe:
-        probes["grounding"] = GroundingProbe.for_model(model, tokenizer)
-    if synthetic and settings.binding_probe:
-        probes["binding"] = BindingProbe.for_model(model, tokenizer)
-    if synthetic and settings.answer_probe:
-        probes["answer"] = AnswerProbe.for_model(model, tokenizer)
-    if synthetic and settings.summary_probe:
-        probes["summary"] = SummaryProbe.for_model(model)
-    if synthetic and settings.comparison_probe:
-        probes["comparison"] = ComparisonProbe.for_model(model, tokenizer)
-    if synthetic and settings.relation_probe:
-        probes["relation"] = RelationProbe.for_model(model, tokenizer)
-    if synthetic and settings.count_probe:
-        probes["count"] = CountProbe.for_model(model, tokenizer)
-    if synthetic and settings.tally_probe:
-        probes["tally"] = TallyProbe.for_model(model, tokenizer)
-    if synthetic and settings.where_probe:
-        probes["where"] = WhereProbe.for_model(model, tokenizer)
+    for name, probe, reads_words in (  # built in this order (each draws its first weights in turn)
+        ("order", OrderProbe, False),
+        ("reference", ReferenceProbe, False),
+        ("grounding", GroundingProbe, True),
+        ("binding", BindingProbe, True),
+        ("answer", AnswerProbe, True),
+        ("summary", SummaryProbe, False),
+        ("comparison", ComparisonProbe, True),
+        ("relation", RelationProbe, True),
+        ("count", CountProbe, True),
+        ("tally", TallyProbe, True),
+        ("where", WhereProbe, True),
+    ):
+        if synthetic and getattr(settings, f"{name}_probe"):
+            probes[name] = probe.for_model(model, tokenizer) if reads_words else probe.for_model(model)
     if vision_done:
         _save(model, tokenizer, None, None, 0, out, settings, probes)  # --resume starts after this stage
     weights = trainable_parameters(model)

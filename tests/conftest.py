@@ -61,15 +61,19 @@ def tokenizer(tokenizer_file):
     return SentencePieceTokenizer(tokenizer_file)
 
 
-def make_tiny(name: str = "tiny", seed: int = 0):
-    """A tiny model with weights large enough that greedy choices are clear-cut."""
+def make_tiny(name: str = "tiny", seed: int = 0, layers: int | None = None):
+    """A tiny model with weights large enough that greedy choices are clear-cut; ``layers``: that
+    many decoder layers instead of the preset's."""
     import torch
 
     from owl.checkpoint import build_model
     from owl.config import preset
     from owl.model import init_weights
 
-    model = build_model(preset(name), device=torch.device("cpu"), dtype=torch.float32)
+    config = preset(name)
+    if layers is not None:
+        config = config.replace(text={**config.text, "num_hidden_layers": layers})
+    model = build_model(config, device=torch.device("cpu"), dtype=torch.float32)
     return init_weights(model, seed=seed, std=0.2).eval()
 
 

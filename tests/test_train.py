@@ -288,6 +288,20 @@ def train_attention(model, probe, loss_of, ids, pixels, steps: int = 60) -> torc
         hook.remove()
 
 
+def attention_seen(model, probe, ids, pixels) -> tuple:
+    """What ``probe`` captures of its attention layer in one forward pass (no gradients)."""
+    captured = []
+    hook = probe.part(model).register_forward_pre_hook(
+        lambda *call: captured.append(probe.capture(*call)), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(ids, pixels)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
 def test_order_probe_trains_the_first_layer_to_know_which_image_a_vector_is_from():
     """Through the probe alone, the first decoder layer learns to tell the second of two identical
     pictures from the first (only what comes before them differs)."""
@@ -837,16 +851,10 @@ def test_tally_probe_teaches_a_share_kept_at_home_that_falls_with_each_object_co
     trained through the probe alone, the head keeps a quarter of its attention on its own position
     in one row and half in the other. Three decoder layers, so that the one asked (the next to
     last) comes after one that can bring the question's word to where the answer begins."""
-    from owl.checkpoint import build_model
-    from owl.config import preset
-    from owl.model import init_weights
     from owl.train import TallyProbe
 
     torch.manual_seed(0)
-    config = preset("tiny")
-    config = config.replace(text={**config.text, "num_hidden_layers": 3})
-    model = build_model(config, device=torch.device("cpu"), dtype=torch.float32)
-    model = init_weights(model, seed=0, std=0.2).eval()
+    model = make_tiny(layers=3)
     per_image, star, circle, ai = model.config.num_image_tokens, 20, 21, 22
     probe = TallyProbe(per_image, 2, {star: ("kind", "star"), circle: ("kind", "circle")})
     ids = torch.tensor(
@@ -857,21 +865,11 @@ def test_tally_probe_teaches_a_share_kept_at_home_that_falls_with_each_object_co
     size = model.config.vision.image_size
     pixels = torch.randn(1, 3, size, size).repeat(2, 1, 1, 1)
     scenes, turns = [[tally_scene()], [tally_scene()]], [[(0, "count_shape")], [(0, "count_shape")]]
-    captured = []
-    hook = probe.part(model).register_forward_pre_hook(
-        lambda *call: captured.append(probe.capture(*call)), with_kwargs=True
-    )
-    try:
-        loss_of = lambda out: probe.loss(out, ids, labels, scenes, turns)  # noqa: E731
-        fit(model, model.language_model.parameters(), captured, loss_of, ids, pixels, 150)
-        captured.clear()
-        with torch.no_grad():
-            model(ids, pixels)
-    finally:
-        hook.remove()
+    train_attention(model, probe, lambda out: probe.loss(out, ids, labels, scenes, turns), ids, pixels, 150)
     home = ids.shape[1] - 3
     assert [position for _, position, _ in probe.targets(ids, labels, scenes, turns)] == [home, home]
-    attention = torch.softmax(probe.scores(captured[0], [0, 1], torch.tensor([home, home])), -1)
+    seen = attention_seen(model, probe, ids, pixels)
+    attention = torch.softmax(probe.scores(seen, [0, 1], torch.tensor([home, home])), -1)
     assert torch.allclose(attention[:, 0, home], torch.tensor([1 / 4, 1 / 2]), atol=0.08)
 
 
