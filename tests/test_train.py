@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 
 import pytest
 import torch
@@ -1069,6 +1070,48 @@ def test_the_tiny_recipe_runs_its_stages_and_resumes(tmp_path):
     assert tower and all(torch.equal(weights[k], after_two[k]) for k in tower)  # frozen after its stage
     assert not torch.equal(weights["abstractor.visual_fc.weight"], after_two["abstractor.visual_fc.weight"])
     assert not any("probe" in k or k.startswith(("object.", "query.", "order.")) for k in weights)
+
+
+def test_probes_fade_to_nothing_over_the_last_part_of_a_run(tmp_path):
+    """--probe-fade F: every probe keeps its whole weight until the last F of the run, then it falls
+    in a straight line to nothing at the last step; a step where it is nothing leaves the probes
+    untouched, and without a fade they learn."""
+    from owl.train import probe_share
+
+    shares = [probe_share(step, 10, 0.4) for step in range(10)]
+    assert shares[:6] == [1.0] * 6
+    assert shares[6:] == pytest.approx([0.75, 0.5, 0.25, 0.0])
+    assert {probe_share(step, 10, 0.0) for step in range(10)} == {1.0}
+
+    small = ["--config", "tiny", "--batch-size", "2", "--vision-batch-size", "4", "--vision-steps", "2"]
+    small += ["--easy-steps", "1", "--eval-every", "100", "--save-every", "100", "--threads", "1"]
+    start = tmp_path / "start"
+    train(parse_args(["--recipe", "tiny", "--out", str(start), *small, "--steps", "0"]))
+    before = torch.load(start / "training_state.pt", weights_only=True)["probes"]
+    after = {}
+    for fade in ("0", "1"):
+        out = tmp_path / f"fade{fade}"
+        shutil.copytree(start, out)
+        train(
+            parse_args(
+                [
+                    "--recipe",
+                    "tiny",
+                    "--out",
+                    str(out),
+                    *small,
+                    "--steps",
+                    "1",
+                    "--resume",
+                    "--probe-fade",
+                    fade,
+                ]
+            )
+        )
+        after[fade] = torch.load(out / "training_state.pt", weights_only=True)["probes"]
+    assert before.keys() == after["0"].keys() == after["1"].keys() and len(before) > 4
+    assert all(torch.equal(before[k], after["1"][k]) for k in before)
+    assert not all(torch.equal(before[k], after["0"][k]) for k in before)
 
 
 def colour_data(folder):
