@@ -1092,22 +1092,8 @@ def test_probes_fade_to_nothing_over_the_last_part_of_a_run(tmp_path):
     for fade in ("0", "1"):
         out = tmp_path / f"fade{fade}"
         shutil.copytree(start, out)
-        train(
-            parse_args(
-                [
-                    "--recipe",
-                    "tiny",
-                    "--out",
-                    str(out),
-                    *small,
-                    "--steps",
-                    "1",
-                    "--resume",
-                    "--probe-fade",
-                    fade,
-                ]
-            )
-        )
+        resumed = ["--steps", "1", "--resume", "--probe-fade", fade]
+        train(parse_args(["--recipe", "tiny", "--out", str(out), *small, *resumed]))
         after[fade] = torch.load(out / "training_state.pt", weights_only=True)["probes"]
     assert before.keys() == after["0"].keys() == after["1"].keys() and len(before) > 4
     assert all(torch.equal(before[k], after["1"][k]) for k in before)
