@@ -1795,6 +1795,7 @@ def train(settings: TrainSettings) -> Path:
     losses: list[float] = []
     for step in progress:
         optimizer.zero_grad(set_to_none=True)
+        share = probe_share(step, steps, settings.probe_fade)  # of every probe's weight, this step
         for micro in range(settings.grad_accum):
             unit = step * settings.grad_accum + micro  # this micro-batch's number in the run
             if groups is not None:
@@ -1803,7 +1804,6 @@ def train(settings: TrainSettings) -> Path:
                 indices = range(unit * settings.batch_size, (unit + 1) * settings.batch_size)
                 samples = [data[i] for i in indices]
             batch = make_batch(samples, tokenizer, config, settings.max_len, to_pixels, tokenize)
-            share = probe_share(step, steps, settings.probe_fade)
             with _autocast(settings, device):
                 if len(probes) and share > 0:
                     drawn = [data.layout(i) for i in indices]
