@@ -451,6 +451,14 @@ class ObjectProbe(torch.nn.Module):
         return {name: sum(values) / len(values) for name, values in scores.items()}
 
 
+def how_many(scenes, field: str, names: Sequence[str]) -> torch.Tensor:
+    """(scenes, names): how many objects of each scene have each of ``names`` as their ``field``
+    ("colour" or "kind")."""
+    return torch.tensor(
+        [[sum(getattr(s, field) == name for s in scene.shapes) for name in names] for scene in scenes]
+    )
+
+
 def query_cell(shape, grid: int) -> int:
     """The query (row-major cell of a ``grid`` x ``grid`` grid over the picture) that answers for ``shape``."""
     row, col = (min(grid - 1, int(v * grid)) for v in (shape.y, shape.x))
@@ -469,10 +477,22 @@ class QueryProbe(torch.nn.Module):
     learn (a query only has to look at its own part of the picture) and gives the language model
     positions for free. A cell that holds two centres is left out. Dropped from the exported
     model, like :class:`ObjectProbe`.
+
+    With ``tally``, two more heads read the mean of the cells' vectors and are asked how many
+    objects of each colour and of each shape the picture holds (zero to four). A mean is what a
+    language-model head looking evenly at a picture's cells brings back, so this asks the cells to
+    add up: an object counted once in its own cell, and nothing from a cell beside it that only
+    sees its edge (at the end of the recipe's vision stage without it, 228 of the 4,050 empty cells
+    of 300 held-out pictures named a shape, 218 of them next to an object's cell). In the recipe:
+    at the end of the vision stage as many cells name a shape as there are objects in 62 % of
+    held-out pictures (44 % without), and the tally is right for every colour in 81 % of them and
+    for every shape in 54 %. With the summary's counts beside it, the whole run answered 86.4 % of
+    8,000 held-out questions against 85.4 % without either; with the tally alone (the language
+    stage run again from the same vision stage), 85.3 %.
     """
 
-    def __init__(self, width: int, queries: int):
-        from owl.data.scenes import COLOURS, SHAPE_KINDS, SIZES
+    def __init__(self, width: int, queries: int, tally: bool = False):
+        from owl.data.scenes import COLOURS, MAX_OBJECTS, SHAPE_KINDS, SIZES
 
         super().__init__()
         self.grid = math.isqrt(queries)
@@ -481,11 +501,29 @@ class QueryProbe(torch.nn.Module):
         self.colour = torch.nn.Linear(width, len(self.colours))
         self.size = torch.nn.Linear(width, len(self.sizes))
         self.position = torch.nn.Linear(width, 2)
+        self.tallies = MAX_OBJECTS + 1  # zero to MAX_OBJECTS
+        self.tally = tally
+        if tally:  # read off the queries' mean: how many objects of each colour and of each shape
+            self.colour_counts = torch.nn.Linear(width, len(self.colours) * self.tallies)
+            self.kind_counts = torch.nn.Linear(width, (len(self.kinds) - 1) * self.tallies)
 
     @classmethod
-    def for_model(cls, model) -> QueryProbe:
+    def for_model(cls, model, tally: bool = False) -> QueryProbe:
         """A probe sized for ``model``'s image vectors, on its device."""
-        return cls(model.config.text_hidden_size, model.config.num_query_tokens).to(model.device)
+        return cls(model.config.text_hidden_size, model.config.num_query_tokens, tally).to(model.device)
+
+    def counted(self, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tally heads' logits from the queries' mean: (N, colours, tallies), (N, shapes, tallies)."""
+        mean = slots.mean(1)
+        return (
+            self.colour_counts(mean).view(len(slots), len(self.colours), self.tallies),
+            self.kind_counts(mean).view(len(slots), len(self.kinds) - 1, self.tallies),
+        )
+
+    def counts(self, layouts) -> tuple[torch.Tensor, torch.Tensor]:
+        """How many objects of each colour and of each shape each layout's scene holds."""
+        scenes = [scene for scene, _ in layouts]
+        return how_many(scenes, "colour", self.colours), how_many(scenes, "kind", self.kinds[1:])
 
     def cell(self, shape) -> int:
         """The query (row-major cell of the grid) that answers for ``shape``."""
@@ -523,6 +561,12 @@ class QueryProbe(torch.nn.Module):
                 + 10
                 * torch.nn.functional.mse_loss(self.position(objects), torch.tensor(places, device=device))
             )
+        if self.tally:
+            wanted = self.counts(layouts)
+            loss = loss + sum(
+                ce(logits.flatten(0, 1), counts.flatten().to(device)) / 2
+                for logits, counts in zip(self.counted(slots), wanted, strict=True)
+            )
         return loss / 5
 
     @torch.no_grad()
@@ -540,6 +584,10 @@ class QueryProbe(torch.nn.Module):
                     scores["query shape"].append(self.kinds[kinds[picture, cell]] == shape.kind)
                     scores["query colour"].append(self.colours[colours[picture, cell]] == shape.colour)
             scores["query count"].append(int((kinds[picture] > 0).sum()) == len(scene.shapes))
+        if self.tally:
+            said = [logits.argmax(-1).cpu() for logits in self.counted(slots)]
+            for name, guess, wanted in zip(("colours", "shapes"), said, self.counts(layouts), strict=True):
+                scores[f"tally of {name}"] = [bool(row) for row in (guess == wanted).all(-1)]
         return {name: sum(values) / len(values) for name, values in scores.items()}
 
 
@@ -937,24 +985,37 @@ class SummaryProbe(LayerOutputProbe):
     picture to sum itself up in one place, which a comparison can then read twice; a fourth head
     asks which colour-and-shape pairs it holds ("a red star"). Dropped from the exported model like
     the other heads.
+
+    With ``counts``, the shape and colour heads ask how many of each (zero to four) rather than
+    which: "how many red objects?" and "how many stars?" need the number, and the embedded model
+    said "One." to nearly every two or three. In the recipe, beside the queries' tally: of 8,000
+    held-out questions, 85.4 % without either, 85.9 % with the counts alone (a language stage run
+    again from the earlier recipe's vision stage), 86.4 % with both (descriptions 66 % to 71 %).
+    It did not teach the answers to count past one: at the end of the run the summary's count of a
+    colour is right for 98 % of ones, 62 % of twos and no threes.
     """
 
     layer = 1
 
-    def __init__(self, width: int, per_image: int):
+    def __init__(self, width: int, per_image: int, counts: bool = False):
         from owl.data.scenes import COLOURS, MAX_OBJECTS, SHAPE_KINDS
 
         super().__init__()
-        self.per_image = per_image
+        self.per_image, self.counts = per_image, counts
         self.kinds, self.colours = list(SHAPE_KINDS), list(COLOURS)
+        self.tallies = MAX_OBJECTS + 1  # zero to MAX_OBJECTS
         self.count = torch.nn.Linear(width, MAX_OBJECTS)  # one to MAX_OBJECTS
-        self.shapes = torch.nn.Linear(width, len(self.kinds))
-        self.palette = torch.nn.Linear(width, len(self.colours))
+        if counts:
+            self.kind_counts = torch.nn.Linear(width, len(self.kinds) * self.tallies)
+            self.colour_counts = torch.nn.Linear(width, len(self.colours) * self.tallies)
+        else:
+            self.shapes = torch.nn.Linear(width, len(self.kinds))
+            self.palette = torch.nn.Linear(width, len(self.colours))
         self.things = torch.nn.Linear(width, len(self.colours) * len(self.kinds))  # "a red star"
 
     @classmethod
-    def for_model(cls, model) -> SummaryProbe:
-        return cls(model.config.text_hidden_size, model.config.num_image_tokens).to(model.device)
+    def for_model(cls, model, counts: bool = False) -> SummaryProbe:
+        return cls(model.config.text_hidden_size, model.config.num_image_tokens, counts).to(model.device)
 
     def targets(self, input_ids: torch.Tensor, scenes) -> list[tuple[int, int, object]]:
         """(row, position of a picture's last image vector, its scene) for each picture shown."""
@@ -969,13 +1030,7 @@ class SummaryProbe(LayerOutputProbe):
         counts = torch.tensor([len(scene.shapes) - 1 for scene in scenes], device=device)
 
         def present(table, field):
-            return torch.tensor(
-                [
-                    [float(any(getattr(s, field) == name for s in scene.shapes)) for name in table]
-                    for scene in scenes
-                ],
-                device=device,
-            )
+            return (how_many(scenes, field, table) > 0).float().to(device)
 
         things = torch.tensor(
             [
@@ -988,13 +1043,24 @@ class SummaryProbe(LayerOutputProbe):
             ],
             device=device,
         )
+        ce = torch.nn.functional.cross_entropy
         bce = torch.nn.functional.binary_cross_entropy_with_logits
-        return (
-            torch.nn.functional.cross_entropy(self.count(summaries), counts)
-            + bce(self.shapes(summaries), present(self.kinds, "kind"))
-            + bce(self.palette(summaries), present(self.colours, "colour"))
-            + bce(self.things(summaries), things)
-        ) / 4
+        if self.counts:
+            of_each = sum(
+                ce(
+                    head(summaries).view(-1, self.tallies),
+                    how_many(scenes, field, table).flatten().to(device),
+                )
+                for head, field, table in (
+                    (self.kind_counts, "kind", self.kinds),
+                    (self.colour_counts, "colour", self.colours),
+                )
+            )
+        else:
+            of_each = bce(self.shapes(summaries), present(self.kinds, "kind")) + bce(
+                self.palette(summaries), present(self.colours, "colour")
+            )
+        return (ce(self.count(summaries), counts) + of_each + bce(self.things(summaries), things)) / 4
 
 
 class AnswerProbe(ObjectAttentionProbe):
@@ -1295,8 +1361,9 @@ class TallyProbe(ObjectAttentionProbe):
     26 such questions (at most 2 in any run without it), but a whole run with all four and no fade
     answered 79.7 % of held-out questions against 85.7 % with the relation and count probes alone,
     and its language loss was higher all the way. With every probe fading over the last 30 % (as
-    the recipe now does), that language stage answered 84.8 % against the recipe's 86.2 %, and
-    "Two." 9 times of 26 (the recipe: 2).
+    the recipe now does), that language stage answered 84.8 % against 86.2 % for the recipe of
+    the time (before the queries' tally and the summary's counts), and "Two." 9 times of 26 (the
+    recipe: 2).
     """
 
     layer = -2
@@ -1376,8 +1443,8 @@ class WhereProbe(LayerOutputProbe):
     left." or "On the right." 2-5 times in 14 against at most once; but every one of them ended
     with a higher language loss (0.117-0.148 against 0.105-0.109) and fewer answers right overall
     (74-84 % against 84-86 %). With every probe fading over the last 30 %, beside the tally probe,
-    "where" stayed at 81 % against the recipe's 74 %, but the whole fell short of it as well
-    (84.8 % against 86.2 %).
+    "where" stayed at 81 % against 74 % for the recipe of the time, but the whole fell short of it
+    as well (84.8 % against 86.2 %).
     """
 
     layer = -1
@@ -1443,7 +1510,7 @@ def pretrain_vision(
     tower = model.vision_model
     probe = ObjectProbe.for_model(model, settings.vision_shape_weight)
     params = [*tower.parameters(), *probe.parameters()]
-    queries = QueryProbe.for_model(model) if settings.vision_abstractor else None
+    queries = QueryProbe.for_model(model, settings.query_tally) if settings.vision_abstractor else None
     if queries is not None:
         params += [model.query_tokens, *model.abstractor.parameters(), *queries.parameters()]
 
@@ -1607,6 +1674,8 @@ class TrainSettings:
     binding_probe: float = 0.0  # synthetic data: weight of the named-object-at-its-word probe
     answer_probe: float = 0.0  # synthetic data: weight of the attention-to-described-objects probe
     summary_probe: float = 0.0  # synthetic data: weight of the each-picture-sums-itself-up probe
+    query_tally: bool = False  # the vision stage's query probe also asks the queries' mean how many of each
+    summary_counts: bool = False  # the summary probe asks how many of each shape and colour, not which
     comparison_probe: float = 0.0  # synthetic data: weight of the read-both-pictures probe
     relation_probe: float = 0.0  # synthetic data: weight of the compare-two-named-places probe
     count_probe: float = 0.0  # synthetic data: weight of the how-many-a-word-names probe
@@ -1708,7 +1777,11 @@ def train(settings: TrainSettings) -> Path:
     ):  # a frozen tower has nothing to learn
         probes["object"] = trained if trained is not None else ObjectProbe.for_model(model)
     if synthetic and settings.query_probe:
-        probes["query"] = trained_queries if trained_queries is not None else QueryProbe.for_model(model)
+        probes["query"] = (
+            trained_queries
+            if trained_queries is not None
+            else QueryProbe.for_model(model, settings.query_tally)
+        )
     for name, probe, reads_words in (  # built in this order (each draws its first weights in turn)
         ("order", OrderProbe, False),
         ("reference", ReferenceProbe, False),
@@ -1723,7 +1796,10 @@ def train(settings: TrainSettings) -> Path:
         ("where", WhereProbe, True),
     ):
         if synthetic and getattr(settings, f"{name}_probe"):
-            probes[name] = probe.for_model(model, tokenizer) if reads_words else probe.for_model(model)
+            options = {"counts": settings.summary_counts} if probe is SummaryProbe else {}
+            probes[name] = (
+                probe.for_model(model, tokenizer) if reads_words else probe.for_model(model, **options)
+            )
     if vision_done:
         _save(model, tokenizer, None, None, 0, out, settings, probes)  # --resume starts after this stage
     weights = trainable_parameters(model)
@@ -2053,9 +2129,10 @@ def _save(
 # The embedded model's recipe (models/owl-tiny): everything from scratch on synthetic scenes, in two
 # stages. The vision stage teaches the tower (with the object probe) and the abstractor beside it
 # (with the query probe) and ends with a checkpoint; then the tower is frozen and the rest trains with
-# the query, order, reference, grounding, binding, summary, answer and comparison probes, tokens as
-# prompted, in batches of about one length, with extra comparisons in two-image conversations; the
-# exported weights are their moving average over about the last hundred steps.
+# the query, order, reference, grounding, binding, summary, answer, comparison, relation and count
+# probes, fading over the last 30 % of the steps, tokens as prompted, in batches of about one length,
+# with extra comparisons in two-image conversations; the exported weights are their moving average
+# over about the last hundred steps.
 TINY_RECIPE = {
     "config": "owl-tiny",
     "data": "synthetic",
@@ -2178,6 +2255,18 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
         action="store_true",
         default=None,
         help="the vision stage also trains the query tokens and abstractor (synthetic data)",
+    )
+    parser.add_argument(
+        "--query-tally",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the vision stage asks the queries' mean how many objects of each colour and shape there are",
+    )
+    parser.add_argument(
+        "--summary-counts",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the summary probe asks how many of each shape and colour a picture holds (synthetic data)",
     )
     parser.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
     args = vars(parser.parse_args(argv))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import random
@@ -206,6 +207,53 @@ def test_query_probe_asks_each_query_for_the_object_in_its_cell():
     assert [probe.colours[i] for i in probe.colour(slots[[7, 9]]).argmax(-1)] == ["blue", "red"]
     assert [probe.sizes[i] for i in probe.size(slots[[7, 9]]).argmax(-1)] == ["small", "large"]
     assert torch.allclose(probe.position(slots[[7, 9]]), torch.tensor([[0.8, 0.3], [0.25, 0.7]]), atol=0.05)
+
+
+def test_query_probe_tally_reads_how_many_of_each_colour_and_shape_off_the_queries_mean():
+    """With ``tally``, heads on the mean of the cells' vectors are asked how many objects of each
+    colour and shape the picture holds; when each object's cell holds a code of its colour and
+    shape, the mean adds them up and the heads learn to read the counts, twos and threes too."""
+    from owl.data.scenes import RenderSettings, random_scene
+    from owl.train import QueryProbe
+
+    torch.manual_seed(0)
+    probe = QueryProbe(16, queries=16, tally=True)
+    one_hot = torch.nn.functional.one_hot
+
+    def vectors(layouts) -> torch.Tensor:
+        """Each object's cell holds its colour and its shape, one-hot (added where two share one)."""
+        out = torch.zeros(len(layouts), 17, 16)
+        for picture, (scene, _) in enumerate(layouts):
+            for shape in scene.shapes:
+                colour = one_hot(torch.tensor(probe.colours.index(shape.colour)), 8)
+                kind = one_hot(torch.tensor(probe.kinds.index(shape.kind) - 1), 8)
+                out[picture, probe.cell(shape)] += 16.0 * torch.cat([colour, kind])  # the mean: counts
+        return out
+
+    rng = random.Random(0)
+    train, held = ([(random_scene(rng), RenderSettings(100, 100)) for _ in range(n)] for n in (512, 256))
+    twos = [
+        scene for scene, _ in held if max(collections.Counter(s.colour for s in scene.shapes).values()) > 1
+    ]
+    assert len(twos) > 20
+    optimizer = torch.optim.Adam(probe.parameters(), lr=0.1)
+    train_vectors = vectors(train)
+    for _ in range(500):
+        loss = probe.loss(train_vectors, train)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    scores = probe.accuracy(vectors(held), held)
+    assert scores["tally of colours"] >= 0.9 and scores["tally of shapes"] >= 0.9
+    assert "tally of colours" not in QueryProbe(16, queries=16).accuracy(vectors(held), held)
+    said, _ = probe.counted(vectors([(scene, None) for scene in twos])[:, :16])
+    repeated = [
+        int(said[picture, probe.colours.index(colour)].argmax()) == n
+        for picture, scene in enumerate(twos)
+        for colour, n in collections.Counter(s.colour for s in scene.shapes).items()
+        if n > 1
+    ]
+    assert sum(repeated) >= 0.7 * len(repeated)  # most colours there twice or three times: so counted
 
 
 def test_query_probe_leaves_out_a_cell_with_two_centres():
@@ -494,6 +542,42 @@ def test_summary_probe_teaches_a_pictures_last_vector_what_the_picture_holds():
     assert (probe.count(end).argmax(-1) + 1).tolist() == [2, 1]
     shapes = [[probe.kinds[i] for i in (row > 0).nonzero().flatten()] for row in probe.shapes(end)]
     assert shapes == [["circle", "star"], ["star"]]
+
+
+def test_summary_probe_with_counts_teaches_a_pictures_last_vector_how_many_of_each_it_holds():
+    """As above, with ``counts``: two red objects and a blue one against one red; the last vector
+    says how many of each colour and shape, not only which are there."""
+    from owl.data.scenes import Scene, Shape
+    from owl.train import SummaryProbe
+
+    torch.manual_seed(0)
+    model = make_tiny()
+    per_image = model.config.num_image_tokens
+    probe = SummaryProbe.for_model(model, counts=True)
+    first = Scene(
+        "white",
+        (
+            Shape("star", "red", "small", 0.8, 0.3, 0.07),
+            Shape("circle", "red", "large", 0.25, 0.7, 0.15),
+            Shape("star", "blue", "small", 0.55, 0.2, 0.07),
+        ),
+    )
+    _, second = grounding_scenes()  # a red star
+    ids = torch.tensor([[5, 6, *[IMAGE_TOKEN_ID] * per_image, 7]] * 2)
+    hidden = train_probe_layer(model, probe, 1, lambda out: probe.loss(out, ids, [[first], [second]]), ids)
+    end = hidden[:, 2 + per_image - 1]
+    colours = probe.colour_counts(end).view(2, len(probe.colours), -1).argmax(-1)
+    kinds = probe.kind_counts(end).view(2, len(probe.kinds), -1).argmax(-1)
+    assert [colours[:, probe.colours.index(c)].tolist() for c in ("red", "blue", "green")] == [
+        [2, 1],
+        [1, 0],
+        [0, 0],
+    ]
+    assert [kinds[:, probe.kinds.index(k)].tolist() for k in ("star", "circle", "square")] == [
+        [2, 1],
+        [1, 0],
+        [0, 0],
+    ]
 
 
 def four_words() -> dict[int, tuple[str, str]]:
