@@ -2128,11 +2128,11 @@ def _save(
 
 # The embedded model's recipe (models/owl-tiny): everything from scratch on synthetic scenes, in two
 # stages. The vision stage teaches the tower (with the object probe) and the abstractor beside it
-# (with the query probe) and ends with a checkpoint; then the tower is frozen and the rest trains with
-# the query, order, reference, grounding, binding, summary, answer, comparison, relation and count
-# probes, fading over the last 30 % of the steps, tokens as prompted, in batches of about one length,
-# with extra comparisons in two-image conversations; the exported weights are their moving average
-# over about the last hundred steps.
+# (with the query probe and its tally) and ends with a checkpoint; then the tower is frozen and the
+# rest trains with the query, order, reference, grounding, binding, summary (with counts), answer,
+# comparison, relation and count probes, fading over the last 30 % of the steps, tokens as prompted,
+# in batches of about one length, with extra comparisons in two-image conversations; the exported
+# weights are their moving average over about the last hundred steps.
 TINY_RECIPE = {
     "config": "owl-tiny",
     "data": "synthetic",
@@ -2145,6 +2145,7 @@ TINY_RECIPE = {
     "vision_min_objects": 2,
     "vision_abstractor": True,
     "vision_shape_weight": 4.0,
+    "query_tally": True,
     "object_probe": 0.5,
     "freeze_vision": True,
     "steps": 1850,
@@ -2157,6 +2158,7 @@ TINY_RECIPE = {
     "grounding_probe": 0.5,
     "binding_probe": 0.5,
     "summary_probe": 1.0,
+    "summary_counts": True,
     "answer_probe": 0.5,
     "comparison_probe": 0.5,
     "relation_probe": 0.2,
