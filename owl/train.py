@@ -1782,24 +1782,21 @@ def train(settings: TrainSettings) -> Path:
             if trained_queries is not None
             else QueryProbe.for_model(model, settings.query_tally)
         )
-    for name, probe, reads_words in (  # built in this order (each draws its first weights in turn)
-        ("order", OrderProbe, False),
-        ("reference", ReferenceProbe, False),
-        ("grounding", GroundingProbe, True),
-        ("binding", BindingProbe, True),
-        ("answer", AnswerProbe, True),
-        ("summary", SummaryProbe, False),
-        ("comparison", ComparisonProbe, True),
-        ("relation", RelationProbe, True),
-        ("count", CountProbe, True),
-        ("tally", TallyProbe, True),
-        ("where", WhereProbe, True),
+    for name, probe, given in (  # built in this order (each draws its first weights in turn)
+        ("order", OrderProbe, ()),
+        ("reference", ReferenceProbe, ()),
+        ("grounding", GroundingProbe, (tokenizer,)),
+        ("binding", BindingProbe, (tokenizer,)),
+        ("answer", AnswerProbe, (tokenizer,)),
+        ("summary", SummaryProbe, (settings.summary_counts,)),
+        ("comparison", ComparisonProbe, (tokenizer,)),
+        ("relation", RelationProbe, (tokenizer,)),
+        ("count", CountProbe, (tokenizer,)),
+        ("tally", TallyProbe, (tokenizer,)),
+        ("where", WhereProbe, (tokenizer,)),
     ):
         if synthetic and getattr(settings, f"{name}_probe"):
-            options = {"counts": settings.summary_counts} if probe is SummaryProbe else {}
-            probes[name] = (
-                probe.for_model(model, tokenizer) if reads_words else probe.for_model(model, **options)
-            )
+            probes[name] = probe.for_model(model, *given)
     if vision_done:
         _save(model, tokenizer, None, None, 0, out, settings, probes)  # --resume starts after this stage
     weights = trainable_parameters(model)
@@ -1880,9 +1877,10 @@ def train(settings: TrainSettings) -> Path:
                 indices = range(unit * settings.batch_size, (unit + 1) * settings.batch_size)
                 samples = [data[i] for i in indices]
             batch = make_batch(samples, tokenizer, config, settings.max_len, to_pixels, tokenize)
+            # Taken whenever kept (``keep_layouts``), even where the probes rest, or they pile up.
+            drawn = [data.layout(i) for i in indices] if len(probes) else None
             with _autocast(settings, device):
-                if len(probes) and share > 0:
-                    drawn = [data.layout(i) for i in indices]
+                if drawn is not None and share > 0:
                     loss = _loss_with_probes(model, probes, batch, drawn, settings, device, share)
                 else:
                     loss = _loss(model, batch, device)
