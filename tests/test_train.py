@@ -646,6 +646,21 @@ def test_comparison_probe_asks_two_heads_to_read_both_pictures_at_a_comparisons_
     ]
     # Before the second picture has arrived there is nothing to compare.
     assert probe.targets(ids[:, :8], labels[:, :8], [[first, second]], turns) == []
+    # "How many red things in the second image?" (answered at 23-24): only with counts, both heads
+    # on that picture's last vector, where the summary says how many of each it holds.
+    counted = [[(None, "same_count"), (1, "which_image"), (1, "count_colour")]]
+    assert probe.targets(ids, labels, [[first, second]], counted) == found[:4]
+    counting = ComparisonProbe(per_image=5, grid=2, words=words, counts=True)
+    assert counting.targets(ids, labels, [[first, second]], counted) == [
+        *found[:4],
+        (0, 22, [[10], [10]]),
+        (0, 23, [[10], [10]]),
+    ]
+    about_first = [[(None, "same_count"), (1, "which_image"), (0, "count")]]
+    assert counting.targets(ids, labels, [[first, second]], about_first)[4:] == [
+        (0, 22, [[5], [5]]),
+        (0, 23, [[5], [5]]),
+    ]
 
 
 def test_comparison_probe_teaches_two_heads_to_read_one_picture_each():
