@@ -636,6 +636,9 @@ def asked_turns(labels: torch.Tensor, asked: list) -> list[tuple[range, range, o
     return found
 
 
+COUNTING = ("count", "count_colour", "count_shape")  # the question kinds answered with a number
+
+
 def turns_about(input_ids: torch.Tensor, labels: torch.Tensor, scenes, turns, kinds, words):
     """(row, its token ids, the runs of object words of ``words`` in the question (:func:`word_runs`),
     answer, image, its scene) for each turn of one of ``kinds`` about one picture shown
@@ -1138,7 +1141,6 @@ class ComparisonProbe(ObjectAttentionProbe):
 
     layer = -2
     first_head = 0
-    COUNTS = ("count", "count_colour", "count_shape")
 
     def __init__(self, per_image: int, grid: int, words: dict[int, tuple[str, str]], counts: bool = False):
         super().__init__(per_image, grid, words)
@@ -1168,7 +1170,7 @@ class ComparisonProbe(ObjectAttentionProbe):
         first and last image vectors are at ``starts`` and ``ends``), or None to ask nothing."""
         from owl.data.dialogues import PAIR_QUESTIONS
 
-        if self.counts and kind in self.COUNTS and image is not None and image < len(pictures):
+        if self.counts and kind in COUNTING and image is not None and image < len(pictures):
             return [[ends[image]]] * self.heads
         if kind not in PAIR_QUESTIONS or len(pictures) < 2:
             return None
@@ -1386,7 +1388,6 @@ class TallyProbe(ObjectAttentionProbe):
     layer = -2
     first_head = 2
     heads = 1
-    KINDS = ("count", "count_colour", "count_shape")
 
     def targets(
         self, input_ids: torch.Tensor, labels: torch.Tensor, scenes, turns
@@ -1397,7 +1398,7 @@ class TallyProbe(ObjectAttentionProbe):
         row, (image it is about, question kind) of each turn."""
         found = []
         for row, ids, runs, span, image, scene in turns_about(
-            input_ids, labels, scenes, turns, self.KINDS, self.words
+            input_ids, labels, scenes, turns, COUNTING, self.words
         ):
             starts = picture_starts(ids, self.per_image)
             if image >= len(starts) or len(runs) > 1:
@@ -2274,24 +2275,21 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
         default=None,
         help="the vision stage also trains the query tokens and abstractor (synthetic data)",
     )
-    parser.add_argument(
-        "--query-tally",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="the vision stage asks the queries' mean how many objects of each colour and shape there are",
-    )
-    parser.add_argument(
-        "--summary-counts",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="the summary probe asks how many of each shape and colour a picture holds (synthetic data)",
-    )
-    parser.add_argument(
-        "--comparison-counts",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="the comparison probe's heads also read the summary of a picture whose objects are counted",
-    )
+    for name, meaning in [  # switches a recipe turns on, and --no-... turns off
+        (
+            "query-tally",
+            "the vision stage asks the queries' mean how many objects of each colour and shape there are",
+        ),
+        (
+            "summary-counts",
+            "the summary probe asks how many of each shape and colour a picture holds (synthetic data)",
+        ),
+        (
+            "comparison-counts",
+            "the comparison probe's heads also read the summary of a picture whose objects are counted",
+        ),
+    ]:
+        parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=meaning)
     parser.add_argument("--resume", action="store_true", help="continue from --out's latest checkpoint")
     args = vars(parser.parse_args(argv))
     name = args.pop("recipe")
