@@ -336,6 +336,28 @@ def test_each_turn_names_the_image_it_is_about() -> None:
     assert seen["which", 0] and seen["which", 1] and seen["followup", 1] and seen["same", None]
 
 
+def test_a_dialogue_about_drawn_scenes_shows_them_and_asks_about_them() -> None:
+    """``dialogue_about`` builds a new conversation over given scenes, in the layouts of their
+    number: one scene shown once (one or more questions), two compared or the second shown later;
+    each single-image question is about a scene it shows, and the answers are those scenes'."""
+    layouts = collections.Counter()
+    for seed in range(200):
+        first = dialogues.random_dialogue(random.Random(seed), extra_turns=2)
+        d = dialogues.dialogue_about(random.Random(seed + 1000), first.scenes, extra_turns=2)
+        assert d.scenes == first.scenes and d != first
+        layouts[len(d.scenes), d.turns[0].new_images] += 1
+        for turn in d.turns:
+            if turn.kind == "count":
+                assert (
+                    turn.answer == f"{('One', 'Two', 'Three', 'Four')[len(d.scenes[turn.image].shapes) - 1]}."
+                )
+    assert layouts[1, 1] and layouts[2, 2] and layouts[2, 1]  # single, pair, later image
+    assert set(layouts) == {(1, 1), (2, 2), (2, 1)}
+    three = [scenes.random_scene(random.Random(i)) for i in range(3)]
+    with pytest.raises(ValueError, match="one or two scenes, got 3"):
+        dialogues.dialogue_about(random.Random(0), three)
+
+
 def test_pair_turns_add_balanced_comparisons_after_the_same_beginning() -> None:
     """With ``pair_turns`` the extra turns of two-image conversations compare the images more often,
     only in ways whose answers stay balanced; what comes before the extra turns is unchanged."""

@@ -35,7 +35,7 @@ from pathlib import Path
 from PIL import Image
 
 from owl.config import DEMO_SYSTEM
-from owl.data.dialogues import Dialogue, Turn, random_dialogue, render_prompt, render_text
+from owl.data.dialogues import Dialogue, Turn, dialogue_about, random_dialogue, render_prompt, render_text
 from owl.data.scenes import (
     RenderSettings,
     encode_jpeg,
@@ -134,6 +134,24 @@ def make_example(
         )
     )
     return Example(plan.dialogue, plan.settings, images, render_text(plan.dialogue, system=system))
+
+
+def reread_example(
+    seed: int,
+    index: int,
+    first: Example,
+    *,
+    system: str = DEMO_SYSTEM,
+    extra_turns: int = 0,
+    pair_turns: float = 0.0,
+) -> Example:
+    """Example ``index`` of a training stream that reads pictures more than once: a new conversation
+    (:func:`~owl.data.dialogues.dialogue_about`) about the very pictures of ``first`` (its scenes,
+    settings and pixels), so a picture drawn once is asked about again. Its random stream is seeded
+    with ``"owl-data:again:{seed}:{index}"``, apart from both splits."""
+    rng = random.Random(f"owl-data:again:{seed}:{index}")
+    dialogue = dialogue_about(rng, first.dialogue.scenes, extra_turns=extra_turns, pair_turns=pair_turns)
+    return Example(dialogue, first.settings, first.images, render_text(dialogue, system=system))
 
 
 def iter_examples(

@@ -644,8 +644,9 @@ DIALOGUE_LAYOUTS: dict[str, float] = {"single": 0.35, "multi_turn": 0.25, "pair"
 class _Builder:
     """Accumulates turns, avoiding repeated questions, and remembers the last focused object."""
 
-    def __init__(self, rng: random.Random) -> None:
+    def __init__(self, rng: random.Random, given: Sequence[Scene] = ()) -> None:
         self.rng = rng
+        self.given = list(given)  # scenes to show, in order, instead of drawing new ones
         self.scenes: list[Scene] = []
         self.turns: list[Turn] = []
         self.focus: Shape | None = None
@@ -655,6 +656,18 @@ class _Builder:
     def show(self, *scenes: Scene) -> None:
         self.scenes += scenes
         self._pending_images += len(scenes)
+
+    def new_scene(self) -> Scene:
+        """The next given scene, or a new random one."""
+        return self.given.pop(0) if self.given else random_scene(self.rng)
+
+    def new_pair(self, kind: str) -> tuple[Scene, Scene]:
+        """The two given scenes, or a new pair for a ``kind`` question (:func:`scene_pair`)."""
+        if self.given:
+            first, second = self.given[:2]
+            del self.given[:2]
+            return first, second
+        return scene_pair(self.rng, kind)
 
     def add(self, asked: Asked | None, image: int | None = None) -> bool:
         """Ask ``asked`` (about ``image``, unless it names its own) if it is new."""
@@ -715,16 +728,28 @@ def random_dialogue(
     """
     if layout is None:
         layout = rng.choices(list(DIALOGUE_LAYOUTS), weights=list(DIALOGUE_LAYOUTS.values()))[0]
-    builders = {
-        "single": _single,
-        "multi_turn": _multi_turn,
-        "pair": _pair,
-        "later_image": _later_image,
-    }
-    if layout not in builders:
-        raise ValueError(f"layout must be one of {tuple(builders)}, got {layout!r}")
-    builder = _Builder(rng)
-    builders[layout](builder)
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {tuple(_LAYOUTS)}, got {layout!r}")
+    return _built(_Builder(rng), layout, extra_turns, pair_turns)
+
+
+def dialogue_about(
+    rng: random.Random, scenes: Sequence[Scene], *, extra_turns: int = 0, pair_turns: float = 0.0
+) -> Dialogue:
+    """A new random conversation about pictures already drawn: one scene is shown once (the
+    "single" or "multi_turn" layout), two are compared or the second arrives later ("pair" or
+    "later_image"), with the layouts' weights among those. Training can read a drawn picture
+    twice this way, each time asked other things."""
+    if len(scenes) not in (1, 2):
+        raise ValueError(f"a conversation shows one or two scenes, got {len(scenes)}")
+    layouts = ("single", "multi_turn") if len(scenes) == 1 else ("pair", "later_image")
+    layout = rng.choices(layouts, weights=[DIALOGUE_LAYOUTS[name] for name in layouts])[0]
+    return _built(_Builder(rng, scenes), layout, extra_turns, pair_turns)
+
+
+def _built(builder: _Builder, layout: str, extra_turns: int, pair_turns: float) -> Dialogue:
+    rng = builder.rng
+    _LAYOUTS[layout](builder)
     for _ in range(extra_turns):
         if (
             len(builder.scenes) == 2
@@ -741,13 +766,13 @@ def random_dialogue(
 
 def _single(b: _Builder) -> None:
     """One image, one question."""
-    b.show(random_scene(b.rng))
+    b.show(b.new_scene())
     b.ask_single(0, single_ref(b.rng))
 
 
 def _multi_turn(b: _Builder) -> None:
     """One image, 2-3 questions, with pronoun follow-ups."""
-    b.show(random_scene(b.rng))
+    b.show(b.new_scene())
     b.ask_single(0, single_ref(b.rng))
     for _ in range(b.rng.randint(1, 2)):
         b.follow_up_or_single(0, single_ref(b.rng))
@@ -756,7 +781,7 @@ def _multi_turn(b: _Builder) -> None:
 def _pair(b: _Builder) -> None:
     """Two images in the first turn, a comparison, then 0-2 questions about either image."""
     kind = b.rng.choice(list(PAIR_QUESTIONS))
-    b.show(*scene_pair(b.rng, kind))
+    b.show(*b.new_pair(kind))
     if not b.ask_pair([kind]) and not b.ask_pair():
         # Neither image has anything the other lacks and the counts agree: same_count still applies.
         b.add(ask_same_count(b.rng, b.scenes))
@@ -767,9 +792,9 @@ def _pair(b: _Builder) -> None:
 
 def _later_image(b: _Builder) -> None:
     """A question about one image, then a second image arrives with the next question."""
-    b.show(random_scene(b.rng))
+    b.show(b.new_scene())
     b.ask_single(0, single_ref(b.rng))
-    b.show(random_scene(b.rng))
+    b.show(b.new_scene())
     b.focus = None  # "it" must not reach back past the new image
     compared = b.rng.random() < 0.5 and b.ask_pair()
     if not compared:
@@ -777,3 +802,6 @@ def _later_image(b: _Builder) -> None:
     if b.rng.random() < 0.5:
         index = b.rng.randrange(2)
         b.follow_up_or_single(index, ordinal_ref(index))
+
+
+_LAYOUTS = {"single": _single, "multi_turn": _multi_turn, "pair": _pair, "later_image": _later_image}
