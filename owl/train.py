@@ -38,6 +38,9 @@ names in each picture shown so far), ``--tally-probe`` (where the answer to "how
 begins, a head of the next-to-last layer shares its attention between its own position and the
 objects counted, so that the share it keeps tells how many) and ``--where-probe`` (where the answer
 to "where is ...?" begins, the last layer is asked for the object's bands across and down).
+``--reuse N`` asks about each drawn picture in N conversations in a row, keeping the frozen
+tower's output for it, so that a step draws and encodes fewer pictures (``bench/train_reuse.py``
+measures the time it saves); off in the recipe, where it bought steps but not answers.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -182,7 +186,11 @@ class JsonlData:
 class SyntheticData:
     """Endless synthetic scenes and dialogues, example ``i`` a pure function of (seed, i).
 
-    ``extra_turns`` more questions per conversation give denser supervision per picture.
+    ``extra_turns`` more questions per conversation give denser supervision per picture. With
+    ``reuse`` above 1, each picture drawn is asked about in that many conversations in a row
+    (example ``i`` draws new pictures where ``i`` is a multiple of ``reuse``; the next ones hold
+    other conversations about them, :func:`~owl.data.build.reread_example`): fewer pictures to
+    draw and, with the tower frozen, to encode (:class:`FrozenTowerCache`).
     """
 
     def __init__(
@@ -193,10 +201,15 @@ class SyntheticData:
         pair_turns: float = 0.0,
         easy_until: int = 0,
         keep_layouts: bool = False,
+        reuse: int = 1,
     ):
+        if reuse < 1:
+            raise ValueError(f"reuse must be at least 1, got {reuse}")
         self.seed, self.split, self.extra_turns, self.pair_turns = seed, split, extra_turns, pair_turns
         # A curriculum: examples before ``easy_until`` are first lessons, then ever fewer of them.
         self.easy_until = easy_until
+        self.reuse = reuse
+        self._firsts: dict[int, object] = {}  # drawn examples whose pictures are to be read again
         # Scene layouts of drawn examples and the image and kind of each turn, until ``layout``
         # takes them (only when something will).
         self.layouts: dict[int, tuple[list, list, list]] | None = {} if keep_layouts else None
@@ -205,17 +218,25 @@ class SyntheticData:
         return 10**9
 
     def __getitem__(self, index: int) -> tuple[str, list[Image.Image]]:
-        from owl.data.build import easy_example, make_example
+        from owl.data.build import easy_example, make_example, reread_example
 
-        easy = self.easy_until and random.Random(f"curriculum:{self.seed}:{index}").random() < 1 - index / (
+        first, place = divmod(index, self.reuse)
+        first *= self.reuse  # the example that drew this one's pictures
+        easy = self.easy_until and random.Random(f"curriculum:{self.seed}:{first}").random() < 1 - first / (
             2 * self.easy_until
         )
-        if easy:
+        asking = {"extra_turns": self.extra_turns, "pair_turns": self.pair_turns}
+        if easy:  # first lessons draw their own simple pictures
             example = easy_example(self.seed, index)
+        elif place == 0:
+            example = make_example(self.seed, index, split=self.split, **asking)
+            if self.reuse > 1:
+                self._firsts[index] = example
         else:
-            example = make_example(
-                self.seed, index, split=self.split, extra_turns=self.extra_turns, pair_turns=self.pair_turns
-            )
+            drawn = self._firsts.get(first) or make_example(self.seed, first, split=self.split, **asking)
+            example = reread_example(self.seed, index, drawn, **asking)
+            if place == self.reuse - 1:
+                self._firsts.pop(first, None)
         if self.layouts is not None:
             scenes = list(zip(example.dialogue.scenes, example.settings, strict=True))
             turns = example.dialogue.turns
@@ -274,6 +295,45 @@ class RecipeAugment:
         if self.rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return self.processor.pixels(image)
+
+
+class FrozenTowerCache:
+    """Remembers a frozen vision tower's output per picture, known by its pixels, so that a picture
+    read in several conversations (``--reuse``) is encoded once. It takes the place of the tower's
+    ``forward`` (weights, hooks and state dict untouched) and holds the last ``size`` pictures."""
+
+    def __init__(self, tower: torch.nn.Module, size: int = 1024):
+        if any(param.requires_grad for param in tower.parameters()):
+            raise ValueError("only a frozen tower's outputs can be kept")
+        self.tower, self.size = tower, size
+        self.encode = tower.forward  # the tower's own forward
+        self.outputs: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
+        self.hits = self.misses = 0
+        tower.forward = self
+
+    def key(self, pixels: torch.Tensor) -> bytes:
+        """The picture's pixels and the precision it is encoded in (autocast or not)."""
+        device = pixels.device.type
+        precision = str(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else "off"
+        data = pixels.detach().cpu().contiguous().numpy().tobytes()
+        return hashlib.blake2b(data, digest_size=16, person=precision.encode()[:16]).digest()
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        keys = [self.key(row) for row in pixels]
+        new = {key: i for i, key in reversed(list(enumerate(keys))) if key not in self.outputs}
+        if new:
+            encoded = self.encode(pixels[list(new.values())]).detach()
+            for key, output in zip(new, encoded, strict=True):
+                self.outputs[key] = output
+        rows = []
+        for key in keys:
+            self.outputs.move_to_end(key)
+            rows.append(self.outputs[key])
+        while len(self.outputs) > self.size:
+            self.outputs.popitem(last=False)
+        self.misses += len(new)
+        self.hits += len(keys) - len(new)
+        return torch.stack(rows)
 
 
 @dataclass
@@ -1684,6 +1744,7 @@ class TrainSettings:
     vision_lr_scale: float = 1.0
     extra_turns: int = 0  # synthetic data: more questions per conversation
     pair_turns: float = 0.0  # synthetic data: how often an extra turn about two images compares them
+    reuse: int = 1  # synthetic data: conversations about each drawn picture (its tower output kept if frozen)
     object_probe: float = 0.0  # synthetic data: weight of the training-only object probe (0: off)
     query_probe: float = 0.0  # synthetic data: weight of the training-only query probe (0: off)
     order_probe: float = 0.0  # synthetic data: weight of the training-only image-order probe (0: off)
@@ -1790,6 +1851,9 @@ def train(settings: TrainSettings) -> Path:
     )
     if settings.freeze_vision:
         model.vision_model.requires_grad_(False)
+    tower_cache = (
+        FrozenTowerCache(model.vision_model) if settings.freeze_vision and settings.reuse > 1 else None
+    )
     probes = torch.nn.ModuleDict()  # training-only heads, by the part of the model they ask
     if (
         synthetic and settings.object_probe and not settings.freeze_vision
@@ -1838,6 +1902,7 @@ def train(settings: TrainSettings) -> Path:
             pair_turns=settings.pair_turns,
             easy_until=settings.easy_steps * settings.batch_size * settings.grad_accum,
             keep_layouts=len(probes) > 0,
+            reuse=settings.reuse,
         )
         if settings.data in (None, "synthetic")
         else JsonlData(settings.data)
@@ -1932,6 +1997,8 @@ def train(settings: TrainSettings) -> Path:
                 file=sys.stderr,
             )
             break
+    if tower_cache is not None:
+        log.info("pictures encoded %d times, read back %d times", tower_cache.misses, tower_cache.hits)
     model.eval()
     final = out / "final"
     if average is not None:
@@ -2237,6 +2304,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
         ("vision-lr-scale", float),
         ("extra-turns", int),
         ("pair-turns", float),
+        ("reuse", int),
         ("object-probe", float),
         ("query-probe", float),
         ("order-probe", float),

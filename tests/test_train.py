@@ -1067,6 +1067,66 @@ def test_length_groups_batch_examples_of_about_one_length_and_use_each_once():
     assert resumed.batch(11) == taken[11]
 
 
+def test_reused_pictures_are_asked_about_again_in_new_conversations():
+    """With reuse 2 every other example holds a new conversation about the pictures of the one
+    before it (the same pixels and layouts, other questions); the next one draws new pictures; an
+    example is the same whether drawn in order or alone; reuse 1 is the stream as before."""
+    from owl.data.build import make_example
+    from owl.train import SyntheticData
+
+    def pixels(images):
+        return [image.tobytes() for image in images]
+
+    data = SyntheticData(0, extra_turns=2, reuse=2, keep_layouts=True)
+    for first in range(0, 12, 2):
+        text, images = data[first]
+        again, same = data[first + 1]
+        assert pixels(same) == pixels(images) and again != text
+        assert data.layout(first + 1)[0] == data.layout(first)[0]  # (scene, settings) per picture
+        assert pixels(data[first + 2][1]) != pixels(images)
+        data.layout(first + 2)
+    alone = SyntheticData(0, extra_turns=2, reuse=2)[7]
+    assert alone[0] == SyntheticData(0, extra_turns=2, reuse=2, keep_layouts=True)[7][0]
+    assert alone[0] == data[7][0]
+    assert SyntheticData(0, extra_turns=2)[5][0] == make_example(0, 5, extra_turns=2).text
+    with pytest.raises(ValueError, match="at least 1"):
+        SyntheticData(0, reuse=0)
+
+
+def test_a_frozen_towers_outputs_are_kept_per_picture():
+    """The cache encodes only pictures it has not seen, in one batch, and gives back what the
+    tower gives (the same picture twice in a batch encoded once); autocast is another precision,
+    encoded anew; it forgets the oldest beyond its size; it refuses a tower that trains."""
+    from owl.train import FrozenTowerCache
+
+    model = make_tiny()
+    tower = model.vision_model
+    size = model.config.vision.image_size
+    pictures = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="frozen"):
+        FrozenTowerCache(tower)
+    tower.requires_grad_(False)
+    with torch.no_grad():
+        expected = tower(pictures)
+    cache = FrozenTowerCache(tower, size=3)
+    batches = []
+    encode = cache.encode
+    cache.encode = lambda pixels: batches.append(len(pixels)) or encode(pixels)
+    out = model.vision_model(pictures[[0, 1, 0]])
+    assert torch.allclose(out, expected[[0, 1, 0]], atol=1e-5)
+    assert (cache.misses, cache.hits, batches) == (2, 1, [2])
+    out = model.vision_model(pictures[[1, 2]])
+    assert torch.allclose(out, expected[[1, 2]], atol=1e-5)
+    assert (cache.misses, cache.hits, batches) == (3, 2, [2, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.vision_model(pictures[[1]])
+    assert (cache.misses, batches) == (4, [2, 1, 1])
+    model.vision_model(pictures[[3]])  # five entries: the two used longest ago (0, then 1) forgotten
+    model.vision_model(pictures[[2, 0]])
+    assert (cache.misses, cache.hits, batches[-1]) == (6, 3, 1)
+    assert list(model.state_dict()) == list(make_tiny().state_dict())  # the tower's weights as they were
+
+
 def test_the_weight_average_follows_its_decay_and_forgets_the_start():
     """After each step the average moves toward the weights by 1 - decay, the decay ramping up as
     (1 + n) / (10 + n); put_in makes it the weights; its state survives a save and load."""
