@@ -20,10 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # the table, not six progress bars (read when tqdm loads)
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("TQDM_DISABLE", "1")  # the table, not six progress bars
 
 from owl.train import TINY_RECIPE, FrozenTowerCache, TrainSettings, train
 
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=90, help="steps timed per value")
     parser.add_argument("--reuse", type=int, nargs="+", default=[1, 2, 3])
     args = parser.parse_args()
+    if args.steps < 30:
+        parser.error("--steps must be at least 30: over fewer the difference is mostly noise")
     logging.basicConfig(level=logging.WARNING)
     recipe = {**TINY_RECIPE, "vision_steps": 0, "easy_steps": 0, "max_minutes": None}
     recipe |= {"eval_every": 10**6, "save_every": 10**6, "init": str(SHIPPED)}
