@@ -305,7 +305,7 @@ class FrozenTowerCache:
     def __init__(self, tower: torch.nn.Module, size: int = 1024):
         if any(param.requires_grad for param in tower.parameters()):
             raise ValueError("only a frozen tower's outputs can be kept")
-        self.tower, self.size = tower, size
+        self.size = size
         self.encode = tower.forward  # the tower's own forward
         self.outputs: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
         self.hits = self.misses = 0
