@@ -41,6 +41,11 @@ to "where is ...?" begins, the last layer is asked for the object's bands across
 ``--reuse N`` asks about each drawn picture in N conversations in a row, keeping the frozen
 tower's output for it, so that a step draws and encodes fewer pictures (``bench/train_reuse.py``
 measures the time it saves); off in the recipe, where it bought steps but not answers.
+``--question-weights kind=w,...`` asks some question kinds more often than others (the mix the
+evaluation draws is untouched); off in the recipe: the whole run with the weak kinds asked up to
+twice as often and the easy ones about half as often answered 88.4 % of 8,000 held-out questions
+against the recipe's 88.3 %, "where" 83.5 % against 79.4 %, descriptions 72.4 % against 69.2 %
+and "is there ...?" 85.6 % against 92.6 %: the minutes went to other forms, not to more answers.
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,6 +207,7 @@ class SyntheticData:
         easy_until: int = 0,
         keep_layouts: bool = False,
         reuse: int = 1,
+        weights: Mapping[str, float] | None = None,
     ):
         if reuse < 1:
             raise ValueError(f"reuse must be at least 1, got {reuse}")
@@ -209,6 +215,7 @@ class SyntheticData:
         # A curriculum: examples before ``easy_until`` are first lessons, then ever fewer of them.
         self.easy_until = easy_until
         self.reuse = reuse
+        self.weights = weights  # question kinds' mix (owl.data.dialogues.random_dialogue)
         self._firsts: dict[int, object] = {}  # drawn examples whose pictures are to be read again
         # Scene layouts of drawn examples and the image and kind of each turn, until ``layout``
         # takes them (only when something will).
@@ -225,7 +232,7 @@ class SyntheticData:
         easy = self.easy_until and random.Random(f"curriculum:{self.seed}:{first}").random() < 1 - first / (
             2 * self.easy_until
         )
-        asking = {"extra_turns": self.extra_turns, "pair_turns": self.pair_turns}
+        asking = {"extra_turns": self.extra_turns, "pair_turns": self.pair_turns, "weights": self.weights}
         if easy:  # first lessons draw their own simple pictures
             example = easy_example(self.seed, index)
         elif place == 0:
@@ -1770,6 +1777,7 @@ class TrainSettings:
     vision_min_objects: int = 1  # objects per picture in the vision stage: this many to four
     vision_abstractor: bool = False  # the vision stage also trains the query tokens and abstractor
     vision_shape_weight: float = 1.0  # weight of the object probe's shape head in the vision stage
+    question_weights: dict[str, float] | None = None  # synthetic data: how often each question kind is asked
     length_groups: int = 0  # sort this many batches' examples by length, for less padding (0: off)
     easy_steps: int = 0  # synthetic data: a curriculum of simple pictures fading out over 2x these steps
 
@@ -1903,6 +1911,7 @@ def train(settings: TrainSettings) -> Path:
             easy_until=settings.easy_steps * settings.batch_size * settings.grad_accum,
             keep_layouts=len(probes) > 0,
             reuse=settings.reuse,
+            weights=settings.question_weights,
         )
         if settings.data in (None, "synthetic")
         else JsonlData(settings.data)
@@ -2269,6 +2278,25 @@ TINY_RECIPE = {
 RECIPES = {"tiny": TINY_RECIPE}
 
 
+def question_weights(text: str) -> dict[str, float]:
+    """``"where=2,background=0.3"`` → {"where": 2.0, "background": 0.3}, names checked."""
+    from owl.data.dialogues import PAIR_QUESTIONS, SINGLE_QUESTIONS
+
+    weights = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in SINGLE_QUESTIONS and name not in PAIR_QUESTIONS:
+            known = ", ".join(sorted({*SINGLE_QUESTIONS, *PAIR_QUESTIONS}))
+            raise argparse.ArgumentTypeError(f"no question kind {name!r}; the kinds: {known}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r}: the weight is not a number") from None
+        if not weights[name] > 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: a weight must be above 0")
+    return weights
+
+
 def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
     parser = argparse.ArgumentParser(prog="python -m owl.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for checkpoints and the final model")
@@ -2329,6 +2357,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
         ("average", float),
     ]:
         parser.add_argument(f"--{name}", type=kind)
+    parser.add_argument(
+        "--question-weights",
+        type=question_weights,
+        help="synthetic data: kind=weight,... for how often each question kind is asked (1 where not named)",
+    )
     parser.add_argument("--device")
     parser.add_argument("--dtype")
     parser.add_argument(

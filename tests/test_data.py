@@ -376,6 +376,29 @@ def test_pair_turns_add_balanced_comparisons_after_the_same_beginning() -> None:
     assert not any(kind in ("same_count", "same_shapes") for kind, _ in paired)
 
 
+def test_question_weights_shift_the_training_mix() -> None:
+    """Weights make a kind asked more or less often, single-image and pair kinds alike, in new
+    conversations and in conversations about pictures drawn before."""
+    weights = {"where": 4.0, "describe": 0.25, "same_shapes": 4.0}
+    plain, weighted = collections.Counter(), collections.Counter()
+    for seed in range(600):
+        plain.update(t.kind for t in dialogues.random_dialogue(random.Random(seed), extra_turns=2).turns)
+        w = dialogues.random_dialogue(random.Random(seed), extra_turns=2, weights=weights)
+        weighted.update(t.kind for t in w.turns)
+    assert weighted["where"] > 2 * plain["where"]
+    assert weighted["same_shapes"] > 2 * plain["same_shapes"]
+    assert weighted["describe"] < plain["describe"] / 2
+
+    again, again_weighted = collections.Counter(), collections.Counter()
+    for index in range(150):
+        first = build.make_example(0, index)
+        again.update(t.kind for t in build.reread_example(0, index, first, extra_turns=2).dialogue.turns)
+        reread = build.reread_example(0, index, first, extra_turns=2, weights=weights)
+        assert reread.images == first.images
+        again_weighted.update(t.kind for t in reread.dialogue.turns)
+    assert again_weighted["where"] > 2 * again["where"]
+
+
 # --- template -------------------------------------------------------------------------------------
 
 

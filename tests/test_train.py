@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import math
@@ -21,6 +22,7 @@ from owl.train import (
     ReferenceProbe,
     TrainSettings,
     parse_args,
+    question_weights,
     set_stage,
     tokenize_as_prompted,
     tokenize_recipe,
@@ -1091,6 +1093,33 @@ def test_reused_pictures_are_asked_about_again_in_new_conversations():
     assert SyntheticData(0, extra_turns=2)[5][0] == make_example(0, 5, extra_turns=2).text
     with pytest.raises(ValueError, match="at least 1"):
         SyntheticData(0, reuse=0)
+
+
+def test_question_weights_reach_the_training_stream_and_bad_ones_are_named():
+    """``--question-weights`` is parsed into a mix that the synthetic stream draws its questions
+    with; a kind that does not exist, a weight that is not a number or not above 0 is refused
+    with what was wrong."""
+    from owl.data.build import make_example
+    from owl.train import SyntheticData
+
+    settings = parse_args(["--out", "x", "--question-weights", "where=3, same_shapes=2,background=0.5"])
+    assert settings.question_weights == {"where": 3.0, "same_shapes": 2.0, "background": 0.5}
+    data = SyntheticData(0, extra_turns=2, weights=settings.question_weights)
+    texts = [data[i][0] for i in range(30)]
+    assert texts == [
+        make_example(0, i, extra_turns=2, weights=settings.question_weights).text for i in range(30)
+    ]
+    assert texts != [make_example(0, i, extra_turns=2).text for i in range(30)]
+    assert parse_args(["--out", "x"]).question_weights is None
+    for bad, said in (
+        ("wher=2", "no question kind 'wher'"),
+        ("where=two", "not a number"),
+        ("where=0", "above 0"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(["--out", "x", "--question-weights", bad])
+        with pytest.raises(argparse.ArgumentTypeError, match=said):
+            question_weights(bad)
 
 
 def test_a_frozen_towers_outputs_are_kept_per_picture():

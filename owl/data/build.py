@@ -28,7 +28,7 @@ import logging
 import multiprocessing
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,13 +82,15 @@ def plan_example(
     change: str | None = None,
     extra_turns: int = 0,
     pair_turns: float = 0.0,
+    weights: Mapping[str, float] | None = None,
 ) -> Plan:
     """The dialogue and render settings of example ``index``.
 
     The dialogue is drawn before the render settings, so ``robust=True`` gives the very same
     conversation drawn with unseen settings: clean and robust scores compare like for like.
     ``change`` (one of :data:`owl.data.scenes.UNSEEN_CHANGES`) keeps the training settings but for
-    that one change, to tell which unseen way of drawing costs what.
+    that one change, to tell which unseen way of drawing costs what. ``weights``: a training mix
+    of question kinds (:func:`~owl.data.dialogues.random_dialogue`).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -96,7 +98,7 @@ def plan_example(
         raise ValueError("robust and change are two kinds of unseen settings: ask for one")
     key = f"owl-data:{split}:{seed}:{index}"
     rng = random.Random(key)
-    dialogue = random_dialogue(rng, extra_turns=extra_turns, pair_turns=pair_turns)
+    dialogue = random_dialogue(rng, extra_turns=extra_turns, pair_turns=pair_turns, weights=weights)
     pick = robustness_settings if robust else training_settings
     settings = tuple(pick(rng) for _ in dialogue.scenes)
     if change is not None:
@@ -116,6 +118,7 @@ def make_example(
     system: str = DEMO_SYSTEM,
     extra_turns: int = 0,
     pair_turns: float = 0.0,
+    weights: Mapping[str, float] | None = None,
 ) -> Example:
     """Example ``index`` in memory, images as PIL (JPEG artefacts included where its settings ask)."""
     plan = plan_example(
@@ -126,6 +129,7 @@ def make_example(
         change=change,
         extra_turns=extra_turns,
         pair_turns=pair_turns,
+        weights=weights,
     )
     images = tuple(
         render_with(scene, settings, random.Random(noise_seed))
@@ -144,13 +148,16 @@ def reread_example(
     system: str = DEMO_SYSTEM,
     extra_turns: int = 0,
     pair_turns: float = 0.0,
+    weights: Mapping[str, float] | None = None,
 ) -> Example:
     """Example ``index`` of a training stream that reads pictures more than once: a new conversation
     (:func:`~owl.data.dialogues.dialogue_about`) about the very pictures of ``first`` (its scenes,
     settings and pixels), so a picture drawn once is asked about again. Its random stream is seeded
     with ``"owl-data:again:{seed}:{index}"``, apart from both splits."""
     rng = random.Random(f"owl-data:again:{seed}:{index}")
-    dialogue = dialogue_about(rng, first.dialogue.scenes, extra_turns=extra_turns, pair_turns=pair_turns)
+    dialogue = dialogue_about(
+        rng, first.dialogue.scenes, extra_turns=extra_turns, pair_turns=pair_turns, weights=weights
+    )
     return Example(dialogue, first.settings, first.images, render_text(dialogue, system=system))
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from owl.config import DEMO_SYSTEM, IMAGE_TOKEN
@@ -644,8 +644,11 @@ DIALOGUE_LAYOUTS: dict[str, float] = {"single": 0.35, "multi_turn": 0.25, "pair"
 class _Builder:
     """Accumulates turns, avoiding repeated questions, and remembers the last focused object."""
 
-    def __init__(self, rng: random.Random, given: Sequence[Scene] = ()) -> None:
+    def __init__(
+        self, rng: random.Random, given: Sequence[Scene] = (), weights: Mapping[str, float] | None = None
+    ) -> None:
         self.rng = rng
+        self.weights = weights  # question kinds' weights in place of the defaults (training's mix)
         self.given = list(given)  # scenes to show, in order, instead of drawing new ones
         self.scenes: list[Scene] = []
         self.turns: list[Turn] = []
@@ -685,7 +688,8 @@ class _Builder:
         Counting is always well posed, so a few rounds always find a question that was not asked yet.
         """
         for _ in range(10):
-            for kind in _weighted_order(self.rng, SINGLE_QUESTIONS, SINGLE_WEIGHTS):
+            weights = SINGLE_WEIGHTS if self.weights is None else self.weights
+            for kind in _weighted_order(self.rng, SINGLE_QUESTIONS, weights):
                 if self.add(SINGLE_QUESTIONS[kind](self.rng, self.scenes[index], ref), index):
                     return
         raise RuntimeError(f"no new question found about {self.scenes[index]}")
@@ -715,7 +719,12 @@ def _weighted_order(rng: random.Random, names: Sequence[str], weights: dict[str,
 
 
 def random_dialogue(
-    rng: random.Random, *, layout: str | None = None, extra_turns: int = 0, pair_turns: float = 0.0
+    rng: random.Random,
+    *,
+    layout: str | None = None,
+    extra_turns: int = 0,
+    pair_turns: float = 0.0,
+    weights: Mapping[str, float] | None = None,
 ) -> Dialogue:
     """A random conversation in one of :data:`DIALOGUE_LAYOUTS` (chosen by weight unless given).
 
@@ -725,26 +734,36 @@ def random_dialogue(
     is with probability ``pair_turns`` a "which image ...?" question not asked yet (where one is
     left): whichever two scenes were drawn, its answers are as often the first as the second,
     unlike "the same number?" or "the same shapes?" (mostly "No." between unrelated scenes).
+
+    ``weights`` (question kind: weight, 1 where not named) replace :data:`SINGLE_WEIGHTS` for
+    single-image questions and weigh the pair layout's first comparison, which is otherwise drawn
+    evenly: a training mix can ask the hard kinds more often. Without them the conversation is
+    the one the evaluation draws.
     """
     if layout is None:
         layout = rng.choices(list(DIALOGUE_LAYOUTS), weights=list(DIALOGUE_LAYOUTS.values()))[0]
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {tuple(_LAYOUTS)}, got {layout!r}")
-    return _built(_Builder(rng), layout, extra_turns, pair_turns)
+    return _built(_Builder(rng, weights=weights), layout, extra_turns, pair_turns)
 
 
 def dialogue_about(
-    rng: random.Random, scenes: Sequence[Scene], *, extra_turns: int = 0, pair_turns: float = 0.0
+    rng: random.Random,
+    scenes: Sequence[Scene],
+    *,
+    extra_turns: int = 0,
+    pair_turns: float = 0.0,
+    weights: Mapping[str, float] | None = None,
 ) -> Dialogue:
     """A new random conversation about pictures already drawn: one scene is shown once (the
     "single" or "multi_turn" layout), two are compared or the second arrives later ("pair" or
     "later_image"), with the layouts' weights among those. Training can read a drawn picture
-    twice this way, each time asked other things."""
+    twice this way, each time asked other things. ``weights`` as for :func:`random_dialogue`."""
     if len(scenes) not in (1, 2):
         raise ValueError(f"a conversation shows one or two scenes, got {len(scenes)}")
     layouts = ("single", "multi_turn") if len(scenes) == 1 else ("pair", "later_image")
     layout = rng.choices(layouts, weights=[DIALOGUE_LAYOUTS[name] for name in layouts])[0]
-    return _built(_Builder(rng, scenes), layout, extra_turns, pair_turns)
+    return _built(_Builder(rng, scenes, weights), layout, extra_turns, pair_turns)
 
 
 def _built(builder: _Builder, layout: str, extra_turns: int, pair_turns: float) -> Dialogue:
@@ -780,7 +799,10 @@ def _multi_turn(b: _Builder) -> None:
 
 def _pair(b: _Builder) -> None:
     """Two images in the first turn, a comparison, then 0-2 questions about either image."""
-    kind = b.rng.choice(list(PAIR_QUESTIONS))
+    if b.weights is None:
+        kind = b.rng.choice(list(PAIR_QUESTIONS))
+    else:
+        kind = b.rng.choices(list(PAIR_QUESTIONS), [b.weights.get(name, 1.0) for name in PAIR_QUESTIONS])[0]
     b.show(*b.new_pair(kind))
     if not b.ask_pair([kind]) and not b.ask_pair():
         # Neither image has anything the other lacks and the counts agree: same_count still applies.
