@@ -687,8 +687,8 @@ class _Builder:
 
         Counting is always well posed, so a few rounds always find a question that was not asked yet.
         """
+        weights = SINGLE_WEIGHTS if self.weights is None else self.weights
         for _ in range(10):
-            weights = SINGLE_WEIGHTS if self.weights is None else self.weights
             for kind in _weighted_order(self.rng, SINGLE_QUESTIONS, weights):
                 if self.add(SINGLE_QUESTIONS[kind](self.rng, self.scenes[index], ref), index):
                     return
