@@ -1448,7 +1448,7 @@ class TallyProbe(ObjectAttentionProbe):
     26 such questions (at most 2 in any run without it), but a whole run with all four and no fade
     answered 79.7 % of held-out questions against 85.7 % with the relation and count probes alone,
     and its language loss was higher all the way. With every probe fading over the last 30 % (as
-    the recipe now does), that language stage answered 84.8 % against 86.2 % for the recipe of
+    the recipe then did), that language stage answered 84.8 % against 86.2 % for the recipe of
     the time (before the queries' tally and the summary's counts), and "Two." 9 times of 26 (the
     recipe: 2).
     """
@@ -2056,7 +2056,10 @@ def probe_share(step: int, steps: int, fade: float) -> float:
     A probe asks a layer for more than the answers need, and in most runs a higher held-out
     language loss at the end came with fewer answers right. With the recipe's probes fading over
     the last 30 %, a whole run ended at a language loss of 0.098 against 0.107 and answered 86.2 %
-    of 2,000 held-out questions against 85.7 %, the same run until the fall."""
+    of 2,000 held-out questions against 85.7 %, the same run until the fall. Over the last half
+    instead (the recipe's now), the 84-pixel recipe answered 89.0 % of 8,000 held-out questions
+    against 88.3 % (language loss 0.0735 against 0.078), and with other seeds 87.8 % against 87.2 %;
+    over the last 70 %, 89.0 % again (language loss 0.0656)."""
     if fade <= 0:
         return 1.0
     return max(0.0, min(1.0, (steps - 1 - step) / (fade * steps)))
@@ -2224,7 +2227,7 @@ def _save(
 # stages. The vision stage teaches the tower (with the object probe) and the abstractor beside it
 # (with the query probe and its tally) and ends with a checkpoint; then the tower is frozen and the
 # rest trains with the query, order, reference, grounding, binding, summary (with counts), answer,
-# comparison, relation and count probes, fading over the last 30 % of the steps, tokens as prompted,
+# comparison, relation and count probes, fading over the last half of the steps, tokens as prompted,
 # in batches of about one length, with extra comparisons in two-image conversations; the exported
 # weights are their moving average over about the last hundred steps.
 TINY_RECIPE = {
@@ -2257,7 +2260,7 @@ TINY_RECIPE = {
     "comparison_probe": 0.5,
     "relation_probe": 0.2,
     "count_probe": 0.5,
-    "probe_fade": 0.3,
+    "probe_fade": 0.5,
     "extra_turns": 2,
     "pair_turns": 0.5,
     "length_groups": 8,
