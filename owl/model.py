@@ -51,6 +51,48 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * dim)  # (B, L, D)
 
 
+def _backward_follows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """On a CPU, with gradients to flow back through the attention."""
+    return q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    dropout: float = 0.0,
+    causal: bool = False,
+    scale: float | None = None,
+    written_out: bool = False,
+) -> torch.Tensor:
+    """Scaled dot-product attention of (B, h, L, d) queries over (B, h, S, d) keys and values;
+    ``mask`` is boolean (True: may attend) or added to the scores, ``causal`` aligns top-left.
+
+    ``written_out`` (training on a CPU sets it, :func:`write_out_attention`): where gradients will
+    flow back through it on a CPU, two matmuls and a float32 softmax instead of torch's fused
+    kernel, whose backward pass at the embedded model's sizes takes about five times as long as
+    its forward. A vision step of the tiny recipe then takes 0.36 s instead of 0.51 s and a
+    language step 0.57 s instead of 0.62 s (``bench/train_attention.py``). Everywhere else,
+    inference included, it is torch's ``scaled_dot_product_attention``."""
+    if not (written_out and _backward_follows(q, k, v)):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale
+        )
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask
+    weights = scores.softmax(-1, dtype=torch.float32).to(v.dtype)
+    if dropout > 0:
+        weights = F.dropout(weights, dropout)
+    return weights @ v
+
+
 # --- vision encoder ------------------------------------------------------------------------------
 
 
@@ -71,6 +113,7 @@ class HubVisionAttention(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.heads = config.num_attention_heads
+        self.written_out = False  # attend()'s training form (write_out_attention)
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
@@ -78,7 +121,7 @@ class HubVisionAttention(nn.Module):
         batch, length, width = x.shape
         qkv = self.query_key_value(x).view(batch, length, self.heads, 3, width // self.heads)
         q, k, v = qkv.permute(3, 0, 2, 1, 4)  # each (B, h, L, d)
-        return self.dense(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return self.dense(_merge_heads(attend(q, k, v, written_out=self.written_out)))
 
 
 class ClipVisionAttention(nn.Module):
@@ -87,6 +130,7 @@ class ClipVisionAttention(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
         self.heads = config.num_attention_heads
+        self.written_out = False  # attend()'s training form (write_out_attention)
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
         self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
@@ -94,7 +138,7 @@ class ClipVisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = (_split_heads(proj(x), self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return self.out_proj(_merge_heads(attend(q, k, v, written_out=self.written_out)))
 
 
 class HubVisionLayer(nn.Module):
@@ -205,6 +249,7 @@ class AbstractorAttention(nn.Module):
     def __init__(self, config: AbstractorConfig, extra_kv_slot: bool):
         super().__init__()
         self.heads = config.num_attention_heads
+        self.written_out = False  # attend()'s training form (write_out_attention)
         self.dropout = config.attention_dropout
         width = config.hidden_size
         self.query = nn.Linear(width, width)
@@ -224,7 +269,7 @@ class AbstractorAttention(nn.Module):
             values = torch.cat([values, self.bias_v.expand(batch, -1, -1).to(values.dtype)], dim=1)
         q, k, v = (_split_heads(t, self.heads) for t in (self.query(queries), keys, values))
         dropout = self.dropout if self.training else 0.0
-        return _merge_heads(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout))  # (B, Q, D)
+        return _merge_heads(attend(q, k, v, dropout=dropout, written_out=self.written_out))  # (B, Q, D)
 
 
 class AbstractorMLP(nn.Module):
@@ -314,6 +359,63 @@ def build_language_model(text: dict) -> nn.Module:
     # SDPA where the architecture has it (LLaMA); BLOOM's ALiBi attention is transformers' eager one.
     attention = "sdpa" if model_type == "llama" else "eager"
     return AutoModelForCausalLM.from_config(config, attn_implementation=attention)
+
+
+def language_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention for the language model, written out as :func:`attend` does
+    where a backward pass will follow on a CPU (:func:`write_out_attention` puts it in)."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if not _backward_follows(query, key, value) or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = query.shape[2] > 1 and attention_mask is None and causal  # as transformers decides
+    if causal:  # top-left alignment, as SDPA's, holds once keys beyond the queries are cut
+        key, value = key[:, :, : query.shape[2]], value[:, :, : query.shape[2]]
+    out = attend(
+        query, key, value, attention_mask, dropout=dropout, causal=causal, scale=scaling, written_out=True
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def write_out_attention(model: OwlModel) -> None:
+    """Train with attention written out (:func:`attend`): the vision tower's and the abstractor's
+    attention, and the language model's through :func:`language_attention`. Models loaded for
+    inference never have it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    for module in model.modules():
+        if hasattr(module, "written_out"):
+            module.written_out = True
+    language_model = model.language_model
+    if language_model.config._attn_implementation != "sdpa":
+        return
+    AttentionInterface.register("owl", language_attention)
+    AttentionMaskInterface.register("owl", sdpa_mask)  # the masks SDPA is given
+    language_model.set_attn_implementation("owl")
 
 
 class OwlModel(nn.Module):

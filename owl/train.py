@@ -22,6 +22,11 @@ final folder of a LoRA run holds them and the model with them merged in. ``--ave
 a moving average of the trained weights (decay ``D`` per step) as the final model, and the
 weights as trained beside it in ``final-unaveraged``.
 
+On a CPU, training writes attention out where gradients flow back through it: two matrix
+products and a float32 softmax instead of torch's fused kernel, whose backward pass is slow there
+(:func:`owl.model.write_out_attention`; ``bench/train_attention.py`` measures both). The loss
+and the gradients are the same to float rounding; inference always runs torch's kernel.
+
 ``--recipe tiny`` adds what a model trained from scratch needs and the releases got from
 pretrained parts: a vision stage first (the tower learns each object's shape, colour,
 size and place, the role CLIP pretraining played for the real tower, and the abstractor learns
@@ -70,6 +75,7 @@ import torch
 from PIL import Image
 
 from owl.config import IMAGE_TOKEN, IMAGE_TOKEN_ID, OwlConfig
+from owl.model import write_out_attention
 from owl.processing import ImageProcessor, load_image, split_prompt
 
 log = logging.getLogger(__name__)
@@ -1846,6 +1852,8 @@ def train(settings: TrainSettings) -> Path:
     if resuming and settings.stage != "lora":  # LoRA resumes from its base plus the saved adapters
         settings = dataclasses.replace(settings, init=str(out / "latest"))
     model, tokenizer, processor, device = build_start(settings)
+    if device.type == "cpu":
+        write_out_attention(model)
     model = set_stage(model, settings.stage, lora_r=settings.lora_r)
     if resuming and settings.stage == "lora":
         from peft import set_peft_model_state_dict

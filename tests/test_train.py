@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import json
 import math
 import random
@@ -11,9 +12,11 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from owl.config import IMAGE_TOKEN_ID
+from owl.model import attend, write_out_attention
 from owl.processing import encode_prompt
 from owl.train import (
     IGNORE,
@@ -1207,6 +1210,83 @@ def test_an_averaged_run_exports_the_average_and_the_weights_as_trained(tmp_path
     for steps in (["--steps", "2"], ["--steps", "4", "--resume"]):
         train(parse_args(["--recipe", "tiny", "--out", str(halves), *small, "--average", "0.9", *steps]))
     assert torch.load(halves / "training_state.pt", weights_only=True)["average"]["updates"] == 4
+
+
+@pytest.mark.parametrize("kind", ["none", "boolean mask", "added mask", "causal", "dropout"])
+def test_written_out_attention_computes_what_sdpa_does(kind):
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=generator) for _ in range(3))
+    masks = {
+        "boolean mask": torch.rand(2, 1, 5, 5, generator=generator) > 0.3,
+        "added mask": torch.randn(2, 1, 5, 5, generator=generator),
+    }
+    masks["boolean mask"][..., 0] = True  # every query sees at least one key
+    mask, causal = masks.get(kind), kind == "causal"
+    dropout = 0.5 if kind == "dropout" else 0.0
+
+    def run(function, **extra):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(1)
+        out = function(*leaves, mask, causal=causal, **extra)
+        out.backward(torch.ones_like(out))
+        return out.detach(), [t.grad for t in leaves]
+
+    out, grads = run(attend, dropout=dropout, written_out=True)
+    with torch.no_grad():  # no backward to come: torch's own kernel, exactly
+        sdpa = F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal)
+        assert torch.equal(attend(q, k, v, mask, causal=causal, written_out=True), sdpa)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    assert torch.equal(attend(*leaves, mask, causal=causal), sdpa)  # not asked to write it out
+    if dropout:  # weights dropped at random, the rest scaled up: on average the plain attention
+        plain, _ = run(attend, written_out=True)
+        draws = torch.stack([attend(*leaves, mask, dropout=dropout, written_out=True) for _ in range(400)])
+        assert not torch.allclose(out, plain)
+        torch.testing.assert_close(draws.mean(0).detach(), plain, atol=0.25, rtol=0)
+        return
+    expected, expected_grads = run(
+        lambda *t, causal, **_: F.scaled_dot_product_attention(*t, is_causal=causal)
+    )
+    torch.testing.assert_close(out, expected)
+    for grad, wanted in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, wanted)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-v0"])
+def test_training_with_written_out_attention_gives_the_same_loss_and_gradients(name, tokenizer):
+    model = make_tiny(name).requires_grad_(True)
+    written = copy.deepcopy(model)
+    write_out_attention(written)
+    assert written.language_model.config._attn_implementation == "owl"
+    per_image = model.config.num_image_tokens
+    rows = [
+        [1, *[IMAGE_TOKEN_ID] * per_image, *range(40, 52)],
+        [1, *[IMAGE_TOKEN_ID] * per_image, *range(60, 66)],  # padded: the mask matters
+    ]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [2] * (width - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows])
+    labels = ids.masked_fill((mask == 0) | (ids == IMAGE_TOKEN_ID), IGNORE)
+    size = model.config.vision.image_size
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    results = []
+    for each in (model, written):
+        each.train()
+        each.abstractor.eval()  # its attention dropout would draw differently
+        out = each(ids, pixels, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        results.append(
+            (out.loss.detach(), {n: p.grad for n, p in each.named_parameters() if p.grad is not None})
+        )
+    (loss, grads), (written_loss, written_grads) = results
+    torch.testing.assert_close(written_loss, loss)
+    assert grads.keys() == written_grads.keys() and len(grads) > 50
+    for key, grad in grads.items():
+        assert (written_grads[key] - grad).abs().max() <= 1e-5 * grad.abs().max() + 1e-7, key  # float noise
+    with torch.no_grad():  # inference runs torch's kernel as before
+        model.eval(), written.eval()
+        assert torch.equal(
+            written(ids, pixels, attention_mask=mask).logits, model(ids, pixels, attention_mask=mask).logits
+        )
 
 
 def test_the_tiny_recipe_runs_its_stages_and_resumes(tmp_path):
