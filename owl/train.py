@@ -2244,7 +2244,7 @@ TINY_RECIPE = {
     "stage": "all",
     "tokenization": "prompt",
     "augment": "none",
-    "vision_steps": 1900,
+    "vision_steps": 2600,
     "vision_batch_size": 32,
     "vision_lr": 1e-3,
     "vision_min_objects": 2,
