@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import logging
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -30,10 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from owl.train import TINY_RECIPE, TrainSettings, train
+from bench.train_reuse import LEAD, SHIPPED, timed_run
+from owl.train import TINY_RECIPE, TrainSettings
 
-SHIPPED = Path(__file__).resolve().parent.parent / "models" / "owl-tiny"
-LEAD = 10  # steps of the shorter run: what the longer one does besides its extra steps
 COMMON = {"eval_every": 10**6, "save_every": 10**6, "max_minutes": None, "easy_steps": 0}
 STAGES = {  # stage: (settings, the field that counts its steps)
     "vision": ({**TINY_RECIPE, **COMMON, "steps": 1}, "vision_steps"),
@@ -43,11 +39,8 @@ STAGES = {  # stage: (settings, the field that counts its steps)
 
 def seconds(settings: TrainSettings, field: str, steps: int, fused: bool) -> float:
     """Wall time of a run with ``steps`` steps of one stage; ``fused``: SDPA everywhere."""
-    written = mock.patch("owl.train.write_out_attention") if fused else contextlib.nullcontext()
-    with tempfile.TemporaryDirectory() as out, written:
-        started = time.monotonic()
-        train(dataclasses.replace(settings, out=Path(out), **{field: steps}))
-        return time.monotonic() - started
+    with mock.patch("owl.train.write_out_attention") if fused else contextlib.nullcontext():
+        return timed_run(settings, **{field: steps})[0]
 
 
 def main() -> None:

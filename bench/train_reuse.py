@@ -32,8 +32,9 @@ SHIPPED = Path(__file__).resolve().parent.parent / "models" / "owl-tiny"
 LEAD = 10  # steps of the shorter run: what the longer one does besides its extra steps
 
 
-def timed_run(settings: TrainSettings, steps: int) -> tuple[float, FrozenTowerCache | None]:
-    """Seconds for a run of ``steps`` steps, and the tower cache it used (if any)."""
+def timed_run(settings: TrainSettings, **steps: int) -> tuple[float, FrozenTowerCache | None]:
+    """Seconds for a run with these settings' step counts (``steps=``, ``vision_steps=``), and the
+    tower cache it used (if any)."""
     caches = []
     install = FrozenTowerCache.__init__
 
@@ -45,7 +46,7 @@ def timed_run(settings: TrainSettings, steps: int) -> tuple[float, FrozenTowerCa
     try:
         with tempfile.TemporaryDirectory() as out:
             started = time.monotonic()
-            train(dataclasses.replace(settings, out=Path(out), steps=steps))
+            train(dataclasses.replace(settings, out=Path(out), **steps))
             return time.monotonic() - started, (caches[0] if caches else None)
     finally:
         FrozenTowerCache.__init__ = install
@@ -64,8 +65,8 @@ def main() -> None:
     rows = []
     for reuse in args.reuse:
         settings = TrainSettings(out=Path("."), **{**recipe, "reuse": reuse})
-        short, _ = timed_run(settings, LEAD)
-        long, cache = timed_run(settings, LEAD + args.steps)
+        short, _ = timed_run(settings, steps=LEAD)
+        long, cache = timed_run(settings, steps=LEAD + args.steps)
         per_step = (long - short) / args.steps
         encoded = cache.misses / (cache.misses + cache.hits) if cache else 1.0
         rows.append((reuse, per_step, encoded))

@@ -1252,7 +1252,7 @@ def test_written_out_attention_computes_what_sdpa_does(kind):
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-v0"])
-def test_training_with_written_out_attention_gives_the_same_loss_and_gradients(name, tokenizer):
+def test_training_with_written_out_attention_gives_the_same_loss_and_gradients(name):
     model = make_tiny(name).requires_grad_(True)
     written = copy.deepcopy(model)
     write_out_attention(written)
@@ -1283,7 +1283,8 @@ def test_training_with_written_out_attention_gives_the_same_loss_and_gradients(n
     for key, grad in grads.items():
         assert (written_grads[key] - grad).abs().max() <= 1e-5 * grad.abs().max() + 1e-7, key  # float noise
     with torch.no_grad():  # inference runs torch's kernel as before
-        model.eval(), written.eval()
+        model.eval()
+        written.eval()
         assert torch.equal(
             written(ids, pixels, attention_mask=mask).logits, model(ids, pixels, attention_mask=mask).logits
         )
