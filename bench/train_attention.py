@@ -1,14 +1,18 @@
 """What writing attention out (``owl.model.attend``) saves per training step of the tiny recipe.
 
-    python bench/train_attention.py [--steps 60]
+    python bench/train_attention.py [--steps 60] [--rounds 3]
 
-Times each stage of the recipe twice in this run, alternately: with attention written out as two
-matmuls and a float32 softmax where a backward pass follows (what training on a CPU does), and
-with torch's fused ``scaled_dot_product_attention`` everywhere (what it did before). The vision
-stage trains from scratch, the language stage from the shipped embedded model with every probe
-on; each is run for a few steps and for ``--steps`` more, and the difference taken, so that
-loading, evaluation and saving cancel out. Prints seconds per step and the speed-up of each
-stage, measured on this machine.
+Times each stage of the recipe with attention written out as two matmuls and a float32 softmax
+where a backward pass follows (what training on a CPU does), and with torch's fused
+``scaled_dot_product_attention`` everywhere (what it did before). The vision stage trains from
+scratch, the language stage from the shipped embedded model with every probe on; each is run for
+a few steps and for ``--steps`` more, and the difference taken, so that loading, evaluation and
+saving cancel out.
+
+A machine's speed drifts over minutes (by a fifth, on a shared 2-core machine), so the variants
+are not timed one after the other: each round times both, one right after the other, in the
+opposite order to the round before, and the speed-up is taken within each round. Prints seconds
+per step and the speed-up of each stage (the median of the rounds, and their range).
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ import argparse
 import contextlib
 import logging
 import os
+import statistics
 import sys
 from pathlib import Path
 from unittest import mock
 
-os.environ.setdefault("TQDM_DISABLE", "1")  # the table, not eight progress bars (read when tqdm loads)
+os.environ.setdefault("TQDM_DISABLE", "1")  # the table, not a wall of progress bars (read when tqdm loads)
 
 import torch
 
@@ -37,34 +42,54 @@ STAGES = {  # stage: (settings, the field that counts its steps)
 }
 
 
-def seconds(settings: TrainSettings, field: str, steps: int, fused: bool) -> float:
-    """Wall time of a run with ``steps`` steps of one stage; ``fused``: SDPA everywhere."""
+def per_step(settings: TrainSettings, field: str, steps: int, fused: bool) -> float:
+    """Seconds a step of one stage takes: the difference of a ``LEAD + steps`` and a ``LEAD``
+    step run; ``fused``: SDPA everywhere."""
     with mock.patch("owl.train.write_out_attention") if fused else contextlib.nullcontext():
-        return timed_run(settings, **{field: steps})[0]
+        short = timed_run(settings, **{field: LEAD})[0]
+        long = timed_run(settings, **{field: LEAD + steps})[0]
+    return (long - short) / steps
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="steps timed per stage and variant")
+    parser.add_argument("--steps", type=int, default=60, help="steps timed per stage, variant and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each timing both variants")
     args = parser.parse_args()
     if args.steps < 30:
         parser.error("--steps must be at least 30: over fewer the difference is mostly noise")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     logging.basicConfig(level=logging.WARNING)
-    rows = []
-    for stage, (recipe, field) in STAGES.items():
-        settings = TrainSettings(out=Path("."), **recipe)
-        per_step = {}
-        for fused in (True, False):
-            short = seconds(settings, field, LEAD, fused)
-            long = seconds(settings, field, LEAD + args.steps, fused)
-            per_step[fused] = (long - short) / args.steps
-            label = "fused SDPA" if fused else "written out"
-            print(f"{stage} stage, {label}: {per_step[fused]:.3f} s a step", file=sys.stderr, flush=True)
-        rows.append((stage, per_step[True], per_step[False]))
-    print(f"{'stage':>8}  {'fused s/step':>12}  {'written out s/step':>18}  {'speed':>6}")
-    for stage, fused, written in rows:
-        print(f"{stage:>8}  {fused:>12.3f}  {written:>18.3f}  {fused / written:>5.2f}x")
-    print(f"threads {torch.get_num_threads()}, {args.steps} steps per stage and variant, baseline fused SDPA")
+    timings = {stage: {True: [], False: []} for stage in STAGES}  # stage: {fused: [s/step per round]}
+    for round_ in range(args.rounds):
+        order = (True, False) if round_ % 2 == 0 else (False, True)
+        for stage, (recipe, field) in STAGES.items():
+            settings = TrainSettings(out=Path("."), **recipe)
+            for fused in order:
+                seconds = per_step(settings, field, args.steps, fused)
+                timings[stage][fused].append(seconds)
+                label = "fused SDPA" if fused else "written out"
+                print(
+                    f"round {round_ + 1}, {stage} stage, {label}: {seconds:.3f} s a step",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    print(
+        f"{'stage':>8}  {'fused s/step':>12}  {'written out s/step':>18}  {'speed':>6}  {'rounds range':>13}"
+    )
+    for stage, by_variant in timings.items():
+        fused, written = by_variant[True], by_variant[False]
+        ratios = [f / w for f, w in zip(fused, written, strict=True)]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}x"
+        print(
+            f"{stage:>8}  {statistics.median(fused):>12.3f}  {statistics.median(written):>18.3f}"
+            f"  {statistics.median(ratios):>5.2f}x  {spread:>13}"
+        )
+    print(
+        f"threads {torch.get_num_threads()}, {args.rounds} rounds of {args.steps} steps per stage and variant,"
+        " medians; baseline fused SDPA"
+    )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,9 @@ def attend(
     ``written_out`` (training on a CPU sets it, :func:`write_out_attention`): where gradients will
     flow back through it on a CPU, two matmuls and a float32 softmax instead of torch's fused
     kernel, whose backward pass at the embedded model's sizes takes about five times as long as
-    its forward. A vision step of the tiny recipe then takes 0.36 s instead of 0.51 s and a
-    language step 0.57 s instead of 0.62 s (``bench/train_attention.py``). Everywhere else,
+    its forward. A vision step of the tiny recipe then takes 0.38 s instead of 0.49 s (1.38x); a
+    language step gains less than the machine drifts (1.07x, 0.93-1.13x over three rounds,
+    ``bench/train_attention.py``). Everywhere else,
     inference included, it is torch's ``scaled_dot_product_attention``."""
     if not (written_out and _backward_follows(q, k, v)):
         return F.scaled_dot_product_attention(
