@@ -198,7 +198,9 @@ class JsonlData:
 class SyntheticData:
     """Endless synthetic scenes and dialogues, example ``i`` a pure function of (seed, i).
 
-    ``extra_turns`` more questions per conversation give denser supervision per picture. With
+    ``extra_turns`` more questions per conversation give denser supervision per picture;
+    ``repeats`` draws scenes with more repeated colours and kinds (more twos and threes to count,
+    :func:`~owl.data.scenes.random_scene`); the evaluation's scenes are drawn without. With
     ``reuse`` above 1, each picture drawn is asked about in that many conversations in a row
     (example ``i`` draws new pictures where ``i`` is a multiple of ``reuse``; the next ones hold
     other conversations about them, :func:`~owl.data.build.reread_example`): fewer pictures to
@@ -215,6 +217,7 @@ class SyntheticData:
         keep_layouts: bool = False,
         reuse: int = 1,
         weights: Mapping[str, float] | None = None,
+        repeats: float = 0.0,
     ):
         if reuse < 1:
             raise ValueError(f"reuse must be at least 1, got {reuse}")
@@ -223,6 +226,7 @@ class SyntheticData:
         self.easy_until = easy_until
         self.reuse = reuse
         self.weights = weights  # question kinds' mix (owl.data.dialogues.random_dialogue)
+        self.repeats = repeats  # scenes' mix: repeated colours and kinds (owl.data.scenes.random_scene)
         self._firsts: dict[int, object] = {}  # drawn examples whose pictures are to be read again
         # Scene layouts of drawn examples and the image and kind of each turn, until ``layout``
         # takes them (only when something will).
@@ -243,11 +247,13 @@ class SyntheticData:
         if easy:  # first lessons draw their own simple pictures
             example = easy_example(self.seed, index)
         elif place == 0:
-            example = make_example(self.seed, index, split=self.split, **asking)
+            example = make_example(self.seed, index, split=self.split, repeats=self.repeats, **asking)
             if self.reuse > 1:
                 self._firsts[index] = example
         else:
-            drawn = self._firsts.get(first) or make_example(self.seed, first, split=self.split, **asking)
+            drawn = self._firsts.get(first) or make_example(
+                self.seed, first, split=self.split, repeats=self.repeats, **asking
+            )
             example = reread_example(self.seed, index, drawn, **asking)
             if place == self.reuse - 1:
                 self._firsts.pop(first, None)
@@ -1529,7 +1535,9 @@ class WhereProbe(LayerOutputProbe):
     The embedded model never answered "On the left." or "On the right." (an object halfway down):
     at the question's words the band could be read (the middle 65 % of the time), but the answer's
     first word, "On" against "At", was said at its rate in training, whatever the picture held.
-    These heads ask for both bands where that word is chosen. Not in the recipe: in each of five
+    These heads ask for both bands where that word is chosen. (Since then every "where" answer
+    begins "At the", and the band down is named third, :func:`owl.data.dialogues.where_answer`;
+    the probe still asks at the first word.) Not in the recipe: in each of five
     runs with it (four of the language stage alone, one whole), "where" was answered right 78-81 %
     of the time against 70-78 % in eight runs without it, and an object halfway down got "On the
     left." or "On the right." 2-5 times in 14 against at most once; but every one of them ended
@@ -1785,6 +1793,7 @@ class TrainSettings:
     vision_abstractor: bool = False  # the vision stage also trains the query tokens and abstractor
     vision_shape_weight: float = 1.0  # weight of the object probe's shape head in the vision stage
     question_weights: dict[str, float] | None = None  # synthetic data: how often each question kind is asked
+    repeats: float = 0.0  # synthetic data: chance an object repeats an earlier one's colour (and kind)
     length_groups: int = 0  # sort this many batches' examples by length, for less padding (0: off)
     easy_steps: int = 0  # synthetic data: a curriculum of simple pictures fading out over 2x these steps
 
@@ -1921,6 +1930,7 @@ def train(settings: TrainSettings) -> Path:
             keep_layouts=len(probes) > 0,
             reuse=settings.reuse,
             weights=settings.question_weights,
+            repeats=settings.repeats,
         )
         if settings.data in (None, "synthetic")
         else JsonlData(settings.data)
@@ -2271,6 +2281,7 @@ TINY_RECIPE = {
     "probe_fade": 0.5,
     "extra_turns": 2,
     "pair_turns": 0.5,
+    "repeats": 0.3,
     "length_groups": 8,
     "easy_steps": 500,
     "min_lr_ratio": 0.05,
@@ -2367,6 +2378,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
         ("easy-steps", int),
         ("length-groups", int),
         ("average", float),
+        ("repeats", float),
     ]:
         parser.add_argument(f"--{name}", type=kind)
     parser.add_argument(

@@ -204,6 +204,13 @@ def _check_single(asked: dialogues.Asked, scene: Scene) -> None:
         target = asked.focus
         assert target is not None and (target.x < 0.5) == (a == "On the left.")
         assert abs(target.x - 0.5) > 0.1
+    elif asked.kind == "where":
+        target = asked.focus
+        assert target is not None
+        down = "top" if target.y < 0.4 else "bottom" if target.y > 0.6 else "middle"
+        across = "left" if target.x < 0.4 else "right" if target.x > 0.6 else ""
+        expected = "centre" if down == "middle" and not across else f"{down} {across}".strip()
+        assert a == f"At the {expected}."
     elif asked.kind == "describe":
         position = 0
         for shape in sorted(shapes, key=lambda s: s.x):  # named left to right
@@ -237,7 +244,10 @@ def test_questions_are_only_asked_when_well_posed() -> None:
     lone = _scene(("star", "red", 0.2, 0.5), ("circle", "red", 0.8, 0.5))
     asked = dialogues.ask_colour(random.Random(1), lone, SINGLE_REF)
     assert asked is not None and asked.answer == "Red."
-    assert dialogues.where_answer(lone.shapes[0]) == "On the left."
+    assert dialogues.where_answer(lone.shapes[0]) == "At the middle left."
+    assert dialogues.where_answer(Shape("star", "red", "small", 0.5, 0.52, 0.08)) == "At the centre."
+    assert dialogues.where_answer(Shape("star", "red", "small", 0.55, 0.2, 0.08)) == "At the top."
+    assert dialogues.where_answer(Shape("star", "red", "small", 0.8, 0.9, 0.08)) == "At the bottom right."
     assert dialogues.where_answer(Shape("star", "red", "small", 0.42, 0.5, 0.08)) is None  # between bands
 
 
@@ -397,6 +407,40 @@ def test_question_weights_shift_the_training_mix() -> None:
         assert reread.images == first.images
         again_weighted.update(t.kind for t in reread.dialogue.turns)
     assert again_weighted["where"] > 2 * again["where"]
+
+
+def test_repeats_draw_more_repeated_colours_and_kinds_and_leave_the_evaluation_alone() -> None:
+    def repeated(scene: Scene, field: str) -> bool:
+        values = [getattr(shape, field) for shape in scene.shapes]
+        return len(set(values)) < len(values)
+
+    plain = [random_scene(random.Random(seed), num_objects=3) for seed in range(400)]
+    mixed = [random_scene(random.Random(seed), num_objects=3, repeats=0.4) for seed in range(400)]
+    for field in ("colour", "kind"):
+        assert sum(repeated(s, field) for s in mixed) > 1.5 * sum(repeated(s, field) for s in plain)
+    assert all(
+        scene == random_scene(random.Random(seed), num_objects=3, repeats=0.0)
+        for seed, scene in enumerate(plain)
+    )
+    kinds = ["star", "cross", "circle"]  # given kinds stay as given; colours still repeat
+    assert all(
+        sorted(s.kind for s in random_scene(random.Random(i), kinds=kinds, repeats=1.0).shapes)
+        == sorted(kinds)
+        for i in range(20)
+    )
+    assert len({s.colour for s in random_scene(random.Random(0), kinds=kinds, repeats=1.0).shapes}) == 1
+    with pytest.raises(SceneError, match="repeats must be 0 to 1, got 1.5"):
+        random_scene(random.Random(0), repeats=1.5)
+
+    counts = collections.Counter()
+    for index in range(300):
+        for r in (0.0, 0.3):
+            turns = build.plan_example(0, index, extra_turns=2, repeats=r).dialogue.turns
+            counts[r] += sum(
+                t.kind in ("count_colour", "count_shape") and t.answer in ("Two.", "Three.") for t in turns
+            )
+    assert counts[0.3] > 1.5 * counts[0.0]
+    assert build.plan_example(5, 7, repeats=0.0) == build.plan_example(5, 7)  # the evaluation's stream
 
 
 # --- template -------------------------------------------------------------------------------------

@@ -993,7 +993,7 @@ def test_where_probe_asks_where_a_where_answer_starts_for_the_named_objects_band
         ),
     )
     s, ai = IMAGE_TOKEN_ID, 9
-    # "<image> where is the blue star? AI: On the left. where is the circle? AI: At the bottom.
+    # "<image> where is the blue star? AI: At the middle left. where is the circle? AI: At the bottom.
     # where is the star? AI: ...  where is the red star? AI: ...  (and a colour question)"
     ids = torch.tensor(
         [

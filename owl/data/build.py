@@ -83,14 +83,15 @@ def plan_example(
     extra_turns: int = 0,
     pair_turns: float = 0.0,
     weights: Mapping[str, float] | None = None,
+    repeats: float = 0.0,
 ) -> Plan:
     """The dialogue and render settings of example ``index``.
 
     The dialogue is drawn before the render settings, so ``robust=True`` gives the very same
     conversation drawn with unseen settings: clean and robust scores compare like for like.
     ``change`` (one of :data:`owl.data.scenes.UNSEEN_CHANGES`) keeps the training settings but for
-    that one change, to tell which unseen way of drawing costs what. ``weights``: a training mix
-    of question kinds (:func:`~owl.data.dialogues.random_dialogue`).
+    that one change, to tell which unseen way of drawing costs what. ``weights`` and ``repeats``:
+    a training mix of question kinds and of scenes (:func:`~owl.data.dialogues.random_dialogue`).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -98,7 +99,9 @@ def plan_example(
         raise ValueError("robust and change are two kinds of unseen settings: ask for one")
     key = f"owl-data:{split}:{seed}:{index}"
     rng = random.Random(key)
-    dialogue = random_dialogue(rng, extra_turns=extra_turns, pair_turns=pair_turns, weights=weights)
+    dialogue = random_dialogue(
+        rng, extra_turns=extra_turns, pair_turns=pair_turns, weights=weights, repeats=repeats
+    )
     pick = robustness_settings if robust else training_settings
     settings = tuple(pick(rng) for _ in dialogue.scenes)
     if change is not None:
@@ -119,6 +122,7 @@ def make_example(
     extra_turns: int = 0,
     pair_turns: float = 0.0,
     weights: Mapping[str, float] | None = None,
+    repeats: float = 0.0,
 ) -> Example:
     """Example ``index`` in memory, images as PIL (JPEG artefacts included where its settings ask)."""
     plan = plan_example(
@@ -130,6 +134,7 @@ def make_example(
         extra_turns=extra_turns,
         pair_turns=pair_turns,
         weights=weights,
+        repeats=repeats,
     )
     images = tuple(
         render_with(scene, settings, random.Random(noise_seed))

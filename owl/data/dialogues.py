@@ -1,7 +1,7 @@
 """Questions and answers about scenes, and their rendering in the mPLUG-Owl prompt template.
 
-Every answer is a short canonical sentence ("Red.", "A star.", "Three.", "On the left.", "The second
-image.") computed from the :class:`~owl.data.scenes.Scene` data, so a model can be scored by exact
+Every answer is a short canonical sentence ("Red.", "A star.", "Three.", "At the top left.", "The
+second image.") computed from the :class:`~owl.data.scenes.Scene` data, so a model can be scored by exact
 match (:func:`answer_matches`). A question is only asked when it is well posed: "What colour is the
 star?" needs exactly one star, "Is it on the left or on the right?" needs a clear horizontal offset,
 "Which image has a blue circle?" needs exactly one image with one. Each question type is a named
@@ -9,7 +9,7 @@ star?" needs exactly one star, "Is it on the left or on the right?" needs a clea
 
 The training text follows the original template (spec A.4.3 / B.6)::
 
-    SYS\\nHuman: <image>\\nHuman: What colour is the star?\\nAI: Red.\\nHuman: Where is it?\\nAI: On the left.
+    SYS\\nHuman: <image>\\nHuman: What colour is the star?\\nAI: Red.\\nHuman: Where is it?\\nAI: At the top left.
 
 Images appear as ``Human: <image>`` lines right before the question of the turn that shows them.
 """
@@ -207,14 +207,21 @@ def vertical(shape: Shape) -> str | None:
 
 
 def where_answer(shape: Shape) -> str | None:
-    """ "On the left.", "At the top right.", "In the middle."... or None when not clear on both axes."""
+    """ "At the top right.", "At the middle left.", "At the bottom.", "At the centre."... or None when
+    not clear on both axes.
+
+    Every answer begins "At the" and names the band down the picture, then the band across it (the
+    cells of a 3x3 grid). The first words of an answer are said before anything is known of the
+    object: when an object halfway down was "On the left.", the first word alone had to say so, and
+    the embedded model began with "At" for 67 of 68 such objects (8,000 held-out questions), while
+    it placed 50 of 52 objects in the middle band across right ("At the top."), a choice made at
+    the fourth word.
+    """
     h, v = horizontal(shape), vertical(shape)
     if h is None or v is None:
         return None
     if h == v == "middle":
-        return "In the middle."
-    if v == "middle":
-        return f"On the {h}."
+        return "At the centre."
     if h == "middle":
         return f"At the {v}."
     return f"At the {v} {h}."
@@ -621,18 +628,19 @@ PAIR_QUESTIONS: dict[str, PairQuestion] = {
 BALANCED_PAIRS = ("which_image", "more_objects")
 
 
-def scene_pair(rng: random.Random, kind: str) -> tuple[Scene, Scene]:
-    """Two scenes for a pair question, built so that "Yes." and "No." are equally likely."""
-    first = random_scene(rng)
+def scene_pair(rng: random.Random, kind: str, repeats: float = 0.0) -> tuple[Scene, Scene]:
+    """Two scenes for a pair question, built so that "Yes." and "No." are equally likely
+    (``repeats`` as for :func:`~owl.data.scenes.random_scene`)."""
+    first = random_scene(rng, repeats=repeats)
     if kind == "same_count" and rng.random() < 0.5:
-        return first, random_scene(rng, num_objects=len(first.shapes))
+        return first, random_scene(rng, num_objects=len(first.shapes), repeats=repeats)
     if kind == "same_shapes" and rng.random() < 0.5:
         kinds = sorted({s.kind for s in first.shapes})
         extra = [rng.choice(kinds) for _ in range(rng.randint(0, MAX_OBJECTS - len(kinds)))]
         mixed = kinds + extra
         rng.shuffle(mixed)
-        return first, random_scene(rng, kinds=mixed)
-    return first, random_scene(rng)
+        return first, random_scene(rng, kinds=mixed, repeats=repeats)
+    return first, random_scene(rng, repeats=repeats)
 
 
 # --- dialogues ------------------------------------------------------------------------------------
@@ -645,10 +653,15 @@ class _Builder:
     """Accumulates turns, avoiding repeated questions, and remembers the last focused object."""
 
     def __init__(
-        self, rng: random.Random, given: Sequence[Scene] = (), weights: Mapping[str, float] | None = None
+        self,
+        rng: random.Random,
+        given: Sequence[Scene] = (),
+        weights: Mapping[str, float] | None = None,
+        repeats: float = 0.0,
     ) -> None:
         self.rng = rng
         self.weights = weights  # question kinds' weights in place of the defaults (training's mix)
+        self.repeats = repeats  # more repeated colours and kinds in new scenes (training's mix)
         self.given = list(given)  # scenes to show, in order, instead of drawing new ones
         self.scenes: list[Scene] = []
         self.turns: list[Turn] = []
@@ -662,7 +675,7 @@ class _Builder:
 
     def new_scene(self) -> Scene:
         """The next given scene, or a new random one."""
-        return self.given.pop(0) if self.given else random_scene(self.rng)
+        return self.given.pop(0) if self.given else random_scene(self.rng, repeats=self.repeats)
 
     def new_pair(self, kind: str) -> tuple[Scene, Scene]:
         """The two given scenes, or a new pair for a ``kind`` question (:func:`scene_pair`)."""
@@ -670,7 +683,7 @@ class _Builder:
             first, second = self.given[:2]
             del self.given[:2]
             return first, second
-        return scene_pair(self.rng, kind)
+        return scene_pair(self.rng, kind, self.repeats)
 
     def add(self, asked: Asked | None, image: int | None = None) -> bool:
         """Ask ``asked`` (about ``image``, unless it names its own) if it is new."""
@@ -725,6 +738,7 @@ def random_dialogue(
     extra_turns: int = 0,
     pair_turns: float = 0.0,
     weights: Mapping[str, float] | None = None,
+    repeats: float = 0.0,
 ) -> Dialogue:
     """A random conversation in one of :data:`DIALOGUE_LAYOUTS` (chosen by weight unless given).
 
@@ -737,14 +751,15 @@ def random_dialogue(
 
     ``weights`` (question kind: weight, 1 where not named) replace :data:`SINGLE_WEIGHTS` for
     single-image questions and weigh the pair layout's first comparison, which is otherwise drawn
-    evenly: a training mix can ask the hard kinds more often. Without them the conversation is
-    the one the evaluation draws.
+    evenly: a training mix can ask the hard kinds more often. ``repeats`` draws new scenes with
+    more repeated colours and kinds (:func:`~owl.data.scenes.random_scene`). Without either the
+    conversation is the one the evaluation draws.
     """
     if layout is None:
         layout = rng.choices(list(DIALOGUE_LAYOUTS), weights=list(DIALOGUE_LAYOUTS.values()))[0]
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {tuple(_LAYOUTS)}, got {layout!r}")
-    return _built(_Builder(rng, weights=weights), layout, extra_turns, pair_turns)
+    return _built(_Builder(rng, weights=weights, repeats=repeats), layout, extra_turns, pair_turns)
 
 
 def dialogue_about(

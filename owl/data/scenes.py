@@ -135,6 +135,7 @@ def random_scene(
     *,
     num_objects: int | None = None,
     kinds: Sequence[str] | None = None,
+    repeats: float = 0.0,
     max_tries: int = 1000,
 ) -> Scene:
     """A random valid scene.
@@ -143,7 +144,13 @@ def random_scene(
     lets dialogue generation build pairs of scenes with equal counts or equal shape sets so that
     "Yes." answers are as common as "No.". Placement is rejection sampling, restarted from an empty
     canvas when a shape finds no free spot.
+
+    ``repeats`` (a training mix; 0 draws every colour and kind independently, as the evaluation's
+    scenes are drawn) is the chance that an object after the first takes the colour of an object
+    before it, and, separately, its kind: more pictures with two or three of a colour or a shape.
     """
+    if not 0.0 <= repeats <= 1.0:
+        raise SceneError(f"repeats must be 0 to 1, got {repeats}")
     if kinds is not None:
         num_objects = len(kinds)
     if num_objects is None:
@@ -153,20 +160,25 @@ def random_scene(
     background = rng.choice(sorted(BACKGROUNDS))
     palette = [c for c in COLOURS if contrasts(c, background)]
     for _ in range(max_tries):
-        shapes = _place_shapes(rng, num_objects, kinds, palette)
+        shapes = _place_shapes(rng, num_objects, kinds, palette, repeats)
         if shapes is not None:
             return Scene(background=background, shapes=shapes)
     raise SceneError(f"could not place {num_objects} shapes in {max_tries} tries")
 
 
 def _place_shapes(
-    rng: random.Random, count: int, kinds: Sequence[str] | None, palette: Sequence[str]
+    rng: random.Random, count: int, kinds: Sequence[str] | None, palette: Sequence[str], repeats: float
 ) -> tuple[Shape, ...] | None:
     """One attempt at placing ``count`` shapes; None when the canvas got too crowded."""
     shapes: list[Shape] = []
     for i in range(count):
         kind = kinds[i] if kinds is not None else rng.choice(SHAPE_KINDS)
         colour = rng.choice(palette)
+        if repeats and shapes:  # drawn only when asked for: without, the scene is the one it always was
+            if rng.random() < repeats:
+                colour = rng.choice(shapes).colour
+            if rng.random() < repeats and kinds is None:
+                kind = rng.choice(shapes).kind
         size = rng.choice(SIZES)
         radius = rng.uniform(*RADIUS_RANGE[size])
         for _ in range(50):
