@@ -61,11 +61,13 @@ def main() -> None:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     logging.basicConfig(level=logging.WARNING)
+    stages = {
+        stage: (TrainSettings(out=Path("."), **recipe), field) for stage, (recipe, field) in STAGES.items()
+    }
     timings = {stage: {True: [], False: []} for stage in STAGES}  # stage: {fused: [s/step per round]}
     for round_ in range(args.rounds):
         order = (True, False) if round_ % 2 == 0 else (False, True)
-        for stage, (recipe, field) in STAGES.items():
-            settings = TrainSettings(out=Path("."), **recipe)
+        for stage, (settings, field) in stages.items():
             for fused in order:
                 seconds = per_step(settings, field, args.steps, fused)
                 timings[stage][fused].append(seconds)

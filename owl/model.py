@@ -75,8 +75,8 @@ def attend(
     kernel, whose backward pass at the embedded model's sizes takes about five times as long as
     its forward. A vision step of the tiny recipe then takes 0.38 s instead of 0.49 s (1.38x); a
     language step gains less than the machine drifts (1.07x, 0.93-1.13x over three rounds,
-    ``bench/train_attention.py``). Everywhere else,
-    inference included, it is torch's ``scaled_dot_product_attention``."""
+    ``bench/train_attention.py``). Everywhere else, inference included, it is torch's
+    ``scaled_dot_product_attention``."""
     if not (written_out and _backward_follows(q, k, v)):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale
