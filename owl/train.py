@@ -1797,6 +1797,32 @@ class TrainSettings:
     length_groups: int = 0  # sort this many batches' examples by length, for less padding (0: off)
     easy_steps: int = 0  # synthetic data: a curriculum of simple pictures fading out over 2x these steps
 
+    def __post_init__(self):
+        """Values out of range fail here, before anything is built or trained, not when the first
+        batch or scene that reads them is drawn (after a vision stage of many minutes)."""
+        from owl.data.scenes import MAX_OBJECTS
+
+        at_least = {"steps": 0, "vision_steps": 0, "batch_size": 1, "grad_accum": 1, "reuse": 1}
+        at_least |= {"vision_batch_size": 1, "vision_min_objects": 1, "max_len": 1, "extra_turns": 0}
+        at_least |= {"eval_every": 1, "save_every": 1, "warmup": 0, "easy_steps": 0, "length_groups": 0}
+        for name, least in at_least.items():
+            if getattr(self, name) < least:
+                raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
+        for name in ("pair_turns", "repeats", "probe_fade", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be 0 to 1, got {getattr(self, name)}")
+        if not 0.0 <= self.average < 1.0:
+            raise ValueError(f"average must be at least 0 and below 1, got {self.average}")
+        if self.vision_min_objects > MAX_OBJECTS:
+            raise ValueError(
+                f"vision_min_objects must be at most {MAX_OBJECTS} (the most a picture holds), "
+                f"got {self.vision_min_objects}"
+            )
+        weights = [f.name for f in dataclasses.fields(self) if f.name.endswith("_probe")]
+        for name in [*weights, "lr", "vision_lr", "weight_decay", "vision_lr_scale", "vision_shape_weight"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+
 
 def build_start(settings: TrainSettings):
     """The model, tokenizer and processor to train from: a checkpoint, or a config from scratch."""
@@ -2421,7 +2447,11 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
     recipe = dict(RECIPES[name]) if name else {}
     values = {**recipe, **{k: v for k, v in args.items() if v is not None}}
     values["out"] = Path(values["out"])
-    return TrainSettings(**values)
+    try:
+        return TrainSettings(**values)
+    except ValueError as err:  # a value out of range: named as its flag
+        name = str(err).split(" ", 1)[0]
+        parser.error(f"--{name.replace('_', '-')}{str(err)[len(name) :]}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

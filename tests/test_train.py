@@ -1125,6 +1125,26 @@ def test_question_weights_reach_the_training_stream_and_bad_ones_are_named():
             question_weights(bad)
 
 
+def test_settings_out_of_range_are_refused_before_training_starts(capsys):
+    """A value out of range fails when the settings are made, by its flag's name on the command
+    line, not when the batch or scene that reads it is first drawn (after the vision stage)."""
+    for flags, said in (
+        (["--repeats", "1.5"], "--repeats must be 0 to 1, got 1.5"),
+        (["--reuse", "0"], "--reuse must be at least 1, got 0"),
+        (["--pair-turns", "-0.1"], "--pair-turns must be 0 to 1, got -0.1"),
+        (["--average", "1"], "--average must be at least 0 and below 1, got 1.0"),
+        (["--answer-probe", "-1"], "--answer-probe must not be negative, got -1.0"),
+        (["--vision-min-objects", "5"], "--vision-min-objects must be at most 4"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_args(["--recipe", "tiny", "--out", "x", *flags])
+        assert said in capsys.readouterr().err
+    with pytest.raises(ValueError, match="repeats must be 0 to 1, got -0.5"):
+        TrainSettings(out="x", repeats=-0.5)
+    assert parse_args(["--recipe", "tiny", "--out", "x", "--repeats", "1"]).repeats == 1.0
+
+
 def test_a_frozen_towers_outputs_are_kept_per_picture():
     """The cache encodes only pictures it has not seen, in one batch, and gives back what the
     tower gives (the same picture twice in a batch encoded once); autocast is another precision,
