@@ -1730,6 +1730,14 @@ class WeightAverage:
 # --- the loop ------------------------------------------------------------------------------------
 
 
+class SettingError(ValueError):
+    """A training setting out of range; ``name`` is its field, ``said`` what is wrong with it."""
+
+    def __init__(self, name: str, said: str):
+        super().__init__(f"{name} {said}")
+        self.name, self.said = name, said
+
+
 @dataclass
 class TrainSettings:
     out: Path
@@ -1807,21 +1815,21 @@ class TrainSettings:
         at_least |= {"eval_every": 1, "save_every": 1, "warmup": 0, "easy_steps": 0, "length_groups": 0}
         for name, least in at_least.items():
             if getattr(self, name) < least:
-                raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
+                raise SettingError(name, f"must be at least {least}, got {getattr(self, name)}")
         for name in ("pair_turns", "repeats", "probe_fade", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be 0 to 1, got {getattr(self, name)}")
+                raise SettingError(name, f"must be 0 to 1, got {getattr(self, name)}")
         if not 0.0 <= self.average < 1.0:
-            raise ValueError(f"average must be at least 0 and below 1, got {self.average}")
+            raise SettingError("average", f"must be at least 0 and below 1, got {self.average}")
         if self.vision_min_objects > MAX_OBJECTS:
-            raise ValueError(
-                f"vision_min_objects must be at most {MAX_OBJECTS} (the most a picture holds), "
-                f"got {self.vision_min_objects}"
+            raise SettingError(
+                "vision_min_objects",
+                f"must be at most {MAX_OBJECTS} (the most a picture holds), got {self.vision_min_objects}",
             )
         weights = [f.name for f in dataclasses.fields(self) if f.name.endswith("_probe")]
         for name in [*weights, "lr", "vision_lr", "weight_decay", "vision_lr_scale", "vision_shape_weight"]:
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+                raise SettingError(name, f"must not be negative, got {getattr(self, name)}")
 
 
 def build_start(settings: TrainSettings):
@@ -2449,9 +2457,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
     values["out"] = Path(values["out"])
     try:
         return TrainSettings(**values)
-    except ValueError as err:  # a value out of range: named as its flag
-        name = str(err).split(" ", 1)[0]
-        parser.error(f"--{name.replace('_', '-')}{str(err)[len(name) :]}")
+    except SettingError as err:  # named by its flag
+        parser.error(f"--{err.name.replace('_', '-')} {err.said}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
