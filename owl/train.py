@@ -1813,6 +1813,7 @@ class TrainSettings:
         at_least = {"steps": 0, "vision_steps": 0, "batch_size": 1, "grad_accum": 1, "reuse": 1}
         at_least |= {"vision_batch_size": 1, "vision_min_objects": 1, "max_len": 1, "extra_turns": 0}
         at_least |= {"eval_every": 1, "save_every": 1, "warmup": 0, "easy_steps": 0, "length_groups": 0}
+        at_least |= {"lora_r": 1}
         for name, least in at_least.items():
             if getattr(self, name) < least:
                 raise SettingError(name, f"must be at least {least}, got {getattr(self, name)}")
@@ -1826,6 +1827,11 @@ class TrainSettings:
                 "vision_min_objects",
                 f"must be at most {MAX_OBJECTS} (the most a picture holds), got {self.vision_min_objects}",
             )
+        for name, least in {"epochs": 0, "threads": 1}.items():  # None: not set
+            if getattr(self, name) is not None and getattr(self, name) < least:
+                raise SettingError(name, f"must be at least {least}, got {getattr(self, name)}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise SettingError("max_minutes", f"must be above 0, got {self.max_minutes}")
         weights = [f.name for f in dataclasses.fields(self) if f.name.endswith("_probe")]
         for name in [*weights, "lr", "vision_lr", "weight_decay", "vision_lr_scale", "vision_shape_weight"]:
             if getattr(self, name) < 0:

@@ -1136,6 +1136,10 @@ def test_settings_out_of_range_are_refused_before_training_starts(capsys):
         (["--answer-probe", "-1"], "--answer-probe must not be negative, got -1.0"),
         (["--vision-min-objects", "5"], "--vision-min-objects must be at most 4"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--epochs", "-1"], "--epochs must be at least 0, got -1.0"),
+        (["--threads", "0"], "--threads must be at least 1, got 0"),
+        (["--max-minutes", "0"], "--max-minutes must be above 0, got 0.0"),
+        (["--lora-r", "0"], "--lora-r must be at least 1, got 0"),
     ):
         with pytest.raises(SystemExit):
             parse_args(["--recipe", "tiny", "--out", "x", *flags])
