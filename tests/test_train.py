@@ -606,7 +606,9 @@ def test_answer_probe_asks_each_answer_word_about_what_it_describes_in_the_turns
     labels = torch.full_like(ids, IGNORE)
     for p in (*range(8, 13), 19, 20, 21, 23, 24):
         labels[0, p] = ids[0, p]
-    found = probe.targets(ids, labels, [[first, second]], [[0, 1, None]])
+    found = probe.targets(
+        ids, labels, [[first, second]], [[(0, "shape"), (1, "colour"), (None, "same_shapes")]]
+    )
     assert found == [
         (0, 7, [1 + 2]),  # "red" in the first picture: its red circle
         (0, 8, [1 + 2]),  # "circle" after "red": the red circle
@@ -615,6 +617,47 @@ def test_answer_probe_asks_each_answer_word_about_what_it_describes_in_the_turns
         (0, 18, [13 + 0]),  # the second turn is about the second picture: its red star
         (0, 19, [13 + 0]),
     ]
+
+
+def test_answer_probe_asks_each_word_of_a_description_about_the_object_it_describes():
+    from owl.data.scenes import Scene, Shape
+    from owl.train import AnswerProbe
+
+    red, star, circle, blue, white = 50, 51, 52, 53, 54
+    words = {**four_words(), white: ("colour", "white")}
+    probe = AnswerProbe(per_image=5, grid=2, words=words)
+    scene = Scene(  # left to right: red star (cell 0), red circle (cell 2), blue star (cell 1)
+        "white",
+        (
+            Shape("star", "blue", "small", 0.8, 0.2, 0.07),
+            Shape("star", "red", "small", 0.2, 0.2, 0.07),
+            Shape("circle", "red", "small", 0.3, 0.8, 0.07),
+        ),
+    )
+    s = IMAGE_TOKEN_ID
+    # picture, question, "A red star, a red circle and a blue star on a white background."
+    answer = [9, red, star, 9, red, circle, 9, blue, star, 9, white, 9, 2]
+    ids = torch.tensor([[4, *[s] * 5, 7, *answer]])
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 7:] = ids[0, 7:]
+    found = probe.targets(ids, labels, [[scene]], [[(0, "describe")]])
+    first = 1  # the picture's first image vector
+    assert found == [
+        (0, 7, [first + 0]),  # the first "red": the red star only, not the red circle too
+        (0, 8, [first + 0]),
+        (0, 10, [first + 2]),  # the second "red": the red circle
+        (0, 11, [first + 2]),
+        (0, 13, [first + 1]),  # "blue star": the blue star
+        (0, 14, [first + 1]),
+    ]  # the background's "white" is not asked
+    # Asked as another kind, the same words ask for every object they fit, the background's too
+    # (no white object: not asked).
+    found = probe.targets(ids, labels, [[scene]], [[(0, "colour")]])
+    assert found[0] == (0, 7, [first + 0, first + 2]) and len(found) == 6
+    # A description whose kind words do not match the objects one to one falls back to that.
+    short = ids.clone()
+    short[0, 15] = 9  # the last "star"
+    assert probe.targets(short, labels, [[scene]], [[(0, "describe")]])[0] == (0, 7, [first + 0, first + 2])
 
 
 def test_answer_probe_asks_two_heads_beside_the_reference_probes():
