@@ -3,6 +3,7 @@
     python -m owl.evaluate --num 2000 --seed 1234            # the embedded model
     python -m owl.evaluate --num 2000 --seed 1234 --robust   # scenes drawn in ways training never saw
     python -m owl.evaluate --num 500 --by-change             # which unseen way of drawing costs what
+    python -m owl.evaluate --num 2000 --by-turn              # first answers of a chat against later ones
 
 Questions come from the evaluation split (scenes never used in training) and are answered
 greedily through the serving engine; earlier turns of a conversation carry their gold answers.
@@ -30,6 +31,8 @@ class Report:
     mistakes: list[dict] = field(default_factory=list)
     # (kind, gold answer) -> (right, total, the wrong answers given, most frequent first)
     per_answer: dict[tuple[str, str], tuple[int, int, list[tuple[str, int]]]] = field(default_factory=dict)
+    # the answer's place in its conversation (1: the first) -> (right, total, empty answers)
+    per_turn: dict[int, tuple[int, int, int]] = field(default_factory=dict)
 
     def accuracy(self, kinds: Sequence[str] | None = None) -> float:
         chosen = [v for k, v in self.per_kind.items() if kinds is None or k in kinds]
@@ -77,6 +80,16 @@ class Report:
                 )
         return "\n".join(lines)
 
+    def turn_table(self) -> str:
+        """Accuracy by the answer's place in its conversation. A chat asks for each answer after
+        ``AI: `` and its trailing space, while inside a training conversation an answer follows
+        ``AI:``: only a conversation's last answer is trained as asked, and a model can learn the
+        later places and not the first (or answer it with nothing)."""
+        lines = [f"{'answer':<16} {'right':>6} {'total':>6} {'accuracy':>9} {'empty':>6}"]
+        for place, (right, total, empty) in sorted(self.per_turn.items()):
+            lines.append(f"{_ordinal(place):<16} {right:>6} {total:>6} {right / total:>9.1%} {empty:>6}")
+        return "\n".join(lines)
+
     def summary(self) -> dict:
         """The numbers of :meth:`table`, for a JSON file."""
         return {
@@ -85,6 +98,10 @@ class Report:
             "two_image": self.accuracy(self.two_kinds),
             "all": self.accuracy(),
         }
+
+
+def _ordinal(place: int) -> str:
+    return {1: "first", 2: "second", 3: "third"}.get(place, f"{place}th")
 
 
 def change_table(reports: dict[str, Report]) -> str:
@@ -107,7 +124,14 @@ def change_table(reports: dict[str, Report]) -> str:
 
 
 def evaluate(
-    loaded, *, num: int, seed: int, robust: bool = False, change: str | None = None, max_batch: int = 16
+    loaded,
+    *,
+    num: int,
+    seed: int,
+    robust: bool = False,
+    change: str | None = None,
+    extra_turns: int = 0,
+    max_batch: int = 16,
 ) -> Report:
     """Asks ``num`` held-out questions (drawn as :func:`owl.data.build.eval_items` draws them)."""
     from owl.data.build import eval_items
@@ -115,10 +139,11 @@ def evaluate(
     from owl.engine import Engine, EngineSettings
     from owl.processing import encode_prompt
 
-    items = eval_items(num, seed=seed, robust=robust, change=change)
+    items = eval_items(num, seed=seed, robust=robust, change=change, extra_turns=extra_turns)
     params = GenerationParams(max_new_tokens=24)
     # (kind, gold answer) -> [right, total, the wrong answers given]
     tallies: dict[tuple[str, str], list] = collections.defaultdict(lambda: [0, 0, collections.Counter()])
+    places: dict[int, list[int]] = collections.defaultdict(lambda: [0, 0, 0])  # right, total, empty
     report = Report()
     started = time.monotonic()
     with Engine(loaded, EngineSettings(max_batch=max_batch, queue_size=len(items) + 1)) as engine:
@@ -134,6 +159,10 @@ def evaluate(
             tally = tallies[item.kind, item.answer]
             tally[0] += right
             tally[1] += 1
+            place = places[len(item.history) + 1]
+            place[0] += right
+            place[1] += 1
+            place[2] += not answer
             if not right:
                 tally[2][answer] += 1
                 if len(report.mistakes) < 50:
@@ -149,6 +178,7 @@ def evaluate(
         per_kind[kind][0] += right
         per_kind[kind][1] += total
     report.per_kind = {kind: (right, total) for kind, (right, total) in per_kind.items()}
+    report.per_turn = {place: tuple(counts) for place, counts in sorted(places.items())}
     return report
 
 
@@ -181,6 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also each gold answer of each question kind, with what was said instead when wrong",
     )
+    parser.add_argument(
+        "--by-turn",
+        action="store_true",
+        help="conversations two questions longer (as training draws them), scored by each answer's place",
+    )
     parser.add_argument("--mistakes", action="store_true", help="print some wrong answers")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
@@ -188,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--by-change draws each unseen change alone; leave out --robust")
     if args.by_answer and args.by_change:
         parser.error("--by-answer breaks one evaluation down; leave out --by-change")
+    if args.by_turn and args.by_change:
+        parser.error("--by-turn breaks one evaluation down; leave out --by-change")
     loaded = owl.load(args.checkpoint)
     if args.by_change:
         reports = by_change(loaded, num=args.num, seed=args.seed)
@@ -199,12 +236,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 summary = {name: report.summary() for name, report in reports.items()}
                 json.dump({"by_change": summary, "seed": args.seed, "num": args.num}, handle, indent=2)
         return 0
-    report = evaluate(loaded, num=args.num, seed=args.seed, robust=args.robust)
+    extra_turns = 2 if args.by_turn else 0
+    report = evaluate(loaded, num=args.num, seed=args.seed, robust=args.robust, extra_turns=extra_turns)
     print(
-        f"{loaded.name}: {args.num} questions, seed {args.seed}{', robustness scenes' if args.robust else ''}, "
-        f"{report.seconds:.0f} s"
+        f"{loaded.name}: {args.num} questions, seed {args.seed}{', robustness scenes' if args.robust else ''}"
+        f"{', conversations two questions longer' if args.by_turn else ''}, {report.seconds:.0f} s"
     )
     print(report.table())
+    if args.by_turn:
+        print()
+        print(report.turn_table())
     if args.by_answer:
         print()
         print(report.answer_table())
@@ -219,8 +260,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     {"kind": kind, "answer": gold, "right": right, "total": total, "instead": instead}
                     for (kind, gold), (right, total, instead) in report.per_answer.items()
                 ]
+            if args.by_turn:
+                summary["per_turn"] = {
+                    place: {"right": right, "total": total, "empty": empty}
+                    for place, (right, total, empty) in report.per_turn.items()
+                }
             json.dump(
-                {**summary, "robust": args.robust, "seed": args.seed, "num": args.num}, handle, indent=2
+                {
+                    **summary,
+                    "robust": args.robust,
+                    "seed": args.seed,
+                    "num": args.num,
+                    "extra_turns": extra_turns,
+                },
+                handle,
+                indent=2,
             )
     return 0
 

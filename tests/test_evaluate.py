@@ -59,3 +59,27 @@ def test_by_answer_and_by_change_are_not_asked_together(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--num", "4", "--by-answer", "--by-change"])
     assert "leave out --by-change" in capsys.readouterr().err
+
+
+def test_by_turn_scores_each_answer_by_its_place_in_longer_conversations(tmp_path, capsys):
+    """Conversations two questions longer than the evaluation's own (three to five answers, as
+    training draws them), every answer counted once at its place, empty answers counted apart."""
+    out = tmp_path / "turns.json"
+    assert evaluate.main(["--num", "30", "--seed", "5", "--by-turn", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    numbers = json.loads(out.read_text())
+    places = numbers["per_turn"]
+    assert {"1", "2", "3"} <= set(places) and numbers["extra_turns"] == 2
+    assert sum(p["total"] for p in places.values()) == 30
+    assert sum(p["right"] for p in places.values()) == sum(right for right, _ in numbers["per_kind"].values())
+    assert places["1"]["total"] >= places["3"]["total"] > 0  # every conversation has a third answer
+    assert all(p["empty"] <= p["total"] - p["right"] for p in places.values())
+    rows = {line.split()[0]: line.split()[1:] for line in printed.split("\n\n")[-1].splitlines()[1:]}
+    assert rows["first"][:2] == [str(places["1"]["right"]), str(places["1"]["total"])]
+    assert rows["third"][:2] == [str(places["3"]["right"]), str(places["3"]["total"])]
+
+
+def test_by_turn_and_by_change_are_not_asked_together(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--num", "4", "--by-turn", "--by-change"])
+    assert "leave out --by-change" in capsys.readouterr().err

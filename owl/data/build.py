@@ -210,17 +210,22 @@ class EvalItem:
         return render_prompt(self.history, self.turn.question, new_images=self.turn.new_images, system=system)
 
 
-def eval_items(num: int, *, seed: int = 0, robust: bool = False, change: str | None = None) -> list[EvalItem]:
+def eval_items(
+    num: int, *, seed: int = 0, robust: bool = False, change: str | None = None, extra_turns: int = 0
+) -> list[EvalItem]:
     """``num`` evaluation items from the ``"eval"`` split: one per turn of successive dialogues.
 
     With ``robust=True`` the same questions come with images drawn in settings never used in training
     (see :func:`owl.data.scenes.robustness_settings`); with ``change`` in training settings but for
-    one unseen change (:func:`owl.data.scenes.one_unseen_change`).
+    one unseen change (:func:`owl.data.scenes.one_unseen_change`); with ``extra_turns``, dialogues
+    that many questions longer, as training draws them.
     """
     items: list[EvalItem] = []
     index = 0
     while len(items) < num:
-        example = make_example(seed, index, split="eval", robust=robust, change=change)
+        example = make_example(
+            seed, index, split="eval", robust=robust, change=change, extra_turns=extra_turns
+        )
         items += _turn_items(example)
         index += 1
     return items[:num]
