@@ -1843,9 +1843,9 @@ class TrainSettings:
         at_least = {"steps": 0, "vision_steps": 0, "batch_size": 1, "grad_accum": 1, "reuse": 1}
         at_least |= {"vision_batch_size": 1, "vision_min_objects": 1, "max_len": 1, "extra_turns": 0}
         at_least |= {"eval_every": 1, "save_every": 1, "warmup": 0, "easy_steps": 0, "length_groups": 0}
-        at_least |= {"lora_r": 1}
+        at_least |= {"lora_r": 1, "epochs": 0, "threads": 1}  # epochs, threads: None is not set
         for name, least in at_least.items():
-            if getattr(self, name) < least:
+            if getattr(self, name) is not None and getattr(self, name) < least:
                 raise SettingError(name, f"must be at least {least}, got {getattr(self, name)}")
         for name in ("pair_turns", "repeats", "probe_fade", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -1857,9 +1857,6 @@ class TrainSettings:
                 "vision_min_objects",
                 f"must be at most {MAX_OBJECTS} (the most a picture holds), got {self.vision_min_objects}",
             )
-        for name, least in {"epochs": 0, "threads": 1}.items():  # None: not set
-            if getattr(self, name) is not None and getattr(self, name) < least:
-                raise SettingError(name, f"must be at least {least}, got {getattr(self, name)}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise SettingError("max_minutes", f"must be above 0, got {self.max_minutes}")
         weights = [f.name for f in dataclasses.fields(self) if f.name.endswith("_probe")]
