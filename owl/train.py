@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -115,7 +116,7 @@ def tokenize_recipe(text: str, tokenizer, num_image_tokens: int, max_len: int) -
 
 
 def tokenize_as_prompted(
-    text: str, tokenizer, num_image_tokens: int, max_len: int
+    text: str, tokenizer, num_image_tokens: int, max_len: int, asked: float = 0.0
 ) -> tuple[list[int], list[int]]:
     """Tokens exactly as the chat builds them at inference, answers supervised.
 
@@ -123,35 +124,56 @@ def tokenize_as_prompted(
     ``<image>``, so earlier answers are tokenised as they appear in a chat history); the last
     answer is encoded on its own, as the model generates it after the prompt's trailing space,
     followed by the end-of-sequence token. Every answer's tokens are supervised.
+
+    A chat asks every answer as it asks the last: after ``AI: `` and its space, a token of its
+    own, where an earlier answer in a history follows ``AI:`` and carries its space in its first
+    word. ``asked`` (0 to 1) is the share of the earlier answers encoded as they are asked too (the
+    text before it cut after its ``AI: ``, so it starts a new chunk), chosen from the text itself,
+    the same on every call; the rest of the conversation then holds that one extra space token.
+    Such an answer ends as the chat's does: the line break after it is labelled end-of-sequence,
+    which the last answer token is trained to predict (the break stays in the ids).
     """
-    cut = text.rfind("AI: ")
-    if cut == -1:
+    starts = [match.end() for match in re.finditer("AI: ", text)]
+    if not starts:
         raise ValueError("a training text needs at least one answer after 'AI: '")
-    prompt, answer = text[: cut + len("AI: ")], text[cut + len("AI: ") :]
+    choice = random.Random(text)
+    cuts = [at for at in starts[:-1] if choice.random() < asked] + starts[-1:]
     ids, labels = [tokenizer.bos_token_id], [IGNORE]
-    for segment in split_prompt(prompt):
-        if not isinstance(segment, str):
-            if len(ids) + num_image_tokens > max_len:
-                return ids, labels  # an image that does not fit ends the sample
-            ids += [IMAGE_TOKEN_ID] * num_image_tokens
-            labels += [IGNORE] * num_image_tokens
-            continue
-        spans = _answer_spans(segment)
-        for token, start, end in _pieces_with_offsets(tokenizer, segment):
-            ids.append(token)
-            inside = any(max(start, s) < min(end, e) for s, e in spans)
-            labels.append(token if inside else IGNORE)
-    tail = [*tokenizer.encode(answer), tokenizer.eos_token_id]
+    begin = 0
+    for cut in cuts:
+        for n, segment in enumerate(split_prompt(text[begin:cut])):
+            if not isinstance(segment, str):
+                if len(ids) + num_image_tokens > max_len:
+                    return ids, labels  # an image that does not fit ends the sample
+                ids += [IMAGE_TOKEN_ID] * num_image_tokens
+                labels += [IGNORE] * num_image_tokens
+                continue
+            leading = begin > 0 and n == 0  # the segment starts with an answer
+            spans = _answer_spans(segment, leading)
+            ending = leading
+            for k, (token, start, end) in enumerate(_pieces_with_offsets(tokenizer, segment)):
+                ids.append(token)
+                # (a lone space piece in front is the answer's, though it spans no character)
+                inside = (leading and k == 0) or any(max(start, s) < min(end, e) for s, e in spans)
+                if ending and not inside:  # the line break after it: there a chat's answer ends
+                    labels.append(tokenizer.eos_token_id)
+                    ending = False
+                    continue
+                labels.append(token if inside else IGNORE)
+        begin = cut
+    tail = [*tokenizer.encode(text[begin:]), tokenizer.eos_token_id]
     ids += tail
     labels += tail
     return ids[:max_len], labels[:max_len]
 
 
-def _answer_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans of the answers in a text chunk: after ``AI: `` up to the next ``\nHuman: ``."""
+def _answer_spans(text: str, leading: bool = False) -> list[tuple[int, int]]:
+    """Character spans of the answers in a text chunk: after ``AI: `` up to the next ``\nHuman: ``
+    (``leading``: the chunk starts with an answer, cut off its ``AI: ``)."""
+    starts = [0] if leading else []
+    starts += [match.end() for match in re.finditer(r"AI: ", text)]
     spans = []
-    for match in re.finditer(r"AI: ", text):
-        start = match.end()
+    for start in starts:
         end = text.find("\nHuman: ", start)
         spans.append((start, len(text) if end == -1 else end))
     return spans
@@ -1778,6 +1800,7 @@ class TrainSettings:
     eval_data: str | None = None
     stage: str = "instruct"
     tokenization: str = "recipe"  # or "prompt"
+    asked_answers: float = 0.0  # tokenization "prompt": share of earlier answers encoded as asked
     augment: str = "recipe"  # or "none"
     steps: int = 1000
     epochs: float | None = None
@@ -1847,7 +1870,7 @@ class TrainSettings:
         for name, least in at_least.items():
             if getattr(self, name) is not None and getattr(self, name) < least:
                 raise SettingError(name, f"must be at least {least}, got {getattr(self, name)}")
-        for name in ("pair_turns", "repeats", "probe_fade", "min_lr_ratio"):
+        for name in ("pair_turns", "repeats", "probe_fade", "min_lr_ratio", "asked_answers"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise SettingError(name, f"must be 0 to 1, got {getattr(self, name)}")
         if not 0.0 <= self.average < 1.0:
@@ -2030,7 +2053,9 @@ def train(settings: TrainSettings) -> Path:
         log.info("resumed at step %d", start_step)
     rng = random.Random(settings.seed + start_step)
     to_pixels = RecipeAugment(processor, rng) if settings.augment == "recipe" else processor.pixels
-    tokenize = tokenize_recipe if settings.tokenization == "recipe" else tokenize_as_prompted
+    tokenize = tokenize_recipe
+    if settings.tokenization == "prompt":
+        tokenize = functools.partial(tokenize_as_prompted, asked=settings.asked_answers)
     config = model.config
     groups = None
     if settings.length_groups > 1:
@@ -2446,6 +2471,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
         ("length-groups", int),
         ("average", float),
         ("repeats", float),
+        ("asked-answers", float),
     ]:
         parser.add_argument(f"--{name}", type=kind)
     parser.add_argument(

@@ -60,6 +60,51 @@ def test_prompt_tokenisation_trains_on_the_ids_a_chat_sends(tokenizer):
     assert supervised(ids, labels, tokenizer).replace(" ", "") == "Red.Three."
 
 
+def test_asked_answers_train_earlier_answers_after_the_space_a_chat_asks_with():
+    """With ``asked_answers`` that share of a conversation's earlier answers is encoded as the chat
+    asks for an answer: the ids up to it are the chat's prompt, trailing space token and all, and
+    the answer follows as the model generates it. The same answers are supervised, the choice is
+    the same on every call, and 0 keeps the chat history's form (with the embedded model's
+    tokenizer, where a word takes its space with it)."""
+    from owl.checkpoint import DEFAULT_CHECKPOINT
+    from owl.tokenizer import SentencePieceTokenizer
+    from owl.train import SyntheticData
+
+    tokenizer = SentencePieceTokenizer(DEFAULT_CHECKPOINT / "tokenizer.model")
+    data = SyntheticData(3, extra_turns=2)
+    cut, earlier = 0, 0
+    for index in range(200):
+        text = data[index][0]
+        first = text.index("AI: ") + 4
+        plain = tokenize_as_prompted(text, tokenizer, 4, 4096)
+        asked = tokenize_as_prompted(text, tokenizer, 4, 4096, asked=1.0)
+        assert tokenize_as_prompted(text, tokenizer, 4, 4096, asked=0.0) == plain
+        prompt = encode_prompt(text[:first], tokenizer, 4, text[:first].count("<image>"))
+        answer = tokenizer.encode(text[first : text.index("\nHuman: ", first)])
+        assert asked[0][: len(prompt) + len(answer)] == [*prompt, *answer]
+        assert asked[1][len(prompt) : len(prompt) + len(answer)] == answer
+        assert asked[1][: len(prompt)] == [IGNORE] * len(prompt)
+        after = len(prompt) + len(answer)  # the line break, where the chat's answer would end
+        assert tokenizer.decode(asked[0][after : after + 1]) == "\n"
+        assert asked[1][after] == tokenizer.eos_token_id
+        assert plain[0][: len(prompt)] != prompt  # in a history the space goes with the answer
+        said = [t for t, label in zip(*asked, strict=True) if label not in (IGNORE, tokenizer.eos_token_id)]
+        told = [t for t, label in zip(*plain, strict=True) if label not in (IGNORE, tokenizer.eos_token_id)]
+        assert tokenizer.decode(said).replace(" ", "") == tokenizer.decode(told).replace(" ", "")
+        ends = sum(label == tokenizer.eos_token_id for label in asked[1])
+        assert ends == text.count("AI: ")  # one end per answer, where plain has one for the last
+        assert sum(label == tokenizer.eos_token_id for label in plain[1]) == 1
+        answers = text.count("AI: ")
+        assert len(asked[0]) == len(plain[0]) + answers - 1  # one space token per earlier answer
+        half = tokenize_as_prompted(text, tokenizer, 4, 4096, asked=0.5)
+        assert half == tokenize_as_prompted(text, tokenizer, 4, 4096, asked=0.5)
+        cut += len(half[0]) - len(plain[0])
+        earlier += answers - 1
+    assert 0.4 < cut / earlier < 0.6
+    with pytest.raises(ValueError, match="asked_answers must be 0 to 1, got -0.5"):
+        TrainSettings(out="x", asked_answers=-0.5)
+
+
 def test_truncation_never_cuts_an_image(tokenizer):
     ids, _ = tokenize_recipe(TEXT, tokenizer, 9, 12)
     assert ids.count(IMAGE_TOKEN_ID) in (0, 9) and len(ids) <= 12
