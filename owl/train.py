@@ -1818,6 +1818,7 @@ class TrainSettings:
     save_every: int = 500
     seed: int = 42
     data_seed: int = 0
+    conversation_seed: int | None = None  # synthetic: the language stage's conversations (None: data_seed)
     device: str | None = None
     dtype: str | None = None
     threads: int | None = None
@@ -2011,9 +2012,10 @@ def train(settings: TrainSettings) -> Path:
         )
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.98))
     average = WeightAverage(weights, settings.average) if settings.average > 0 else None
+    conversations = settings.data_seed if settings.conversation_seed is None else settings.conversation_seed
     data = (
         SyntheticData(
-            settings.data_seed,
+            conversations,
             extra_turns=settings.extra_turns,
             pair_turns=settings.pair_turns,
             easy_until=settings.easy_steps * settings.batch_size * settings.grad_accum,
@@ -2026,7 +2028,7 @@ def train(settings: TrainSettings) -> Path:
         else JsonlData(settings.data)
     )
     eval_data = (
-        SyntheticData(settings.data_seed + 1, split="eval")
+        SyntheticData(conversations + 1, split="eval")
         if settings.data in (None, "synthetic")
         else (JsonlData(settings.eval_data) if settings.eval_data else None)
     )
@@ -2441,6 +2443,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainSettings:
         ("save-every", int),
         ("seed", int),
         ("data-seed", int),
+        ("conversation-seed", int),
         ("threads", int),
         ("max-minutes", float),
         ("lora-r", int),

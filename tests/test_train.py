@@ -1481,6 +1481,28 @@ def test_probes_fade_to_nothing_over_the_last_part_of_a_run(tmp_path):
     assert not all(torch.equal(before[k], after["0"][k]) for k in before)
 
 
+def test_the_conversation_seed_draws_the_language_stages_conversations_alone(tmp_path):
+    """--conversation-seed draws the language stage's conversations, and the data seed (the vision
+    stage's pictures and the tokenizer's corpus) no longer does: from one saved vision stage, a
+    language step gives the same weights whatever the data seed, and others with other conversations."""
+    from safetensors.torch import load_file
+
+    small = ["--config", "tiny", "--batch-size", "2", "--vision-batch-size", "4", "--vision-steps", "2"]
+    small += ["--easy-steps", "1", "--eval-every", "100", "--save-every", "100", "--threads", "1"]
+    start = tmp_path / "start"
+    train(parse_args(["--recipe", "tiny", "--out", str(start), *small, "--steps", "0"]))
+    weights = {}
+    for name, seeds in [("data", ["7", "7"]), ("talk", ["0", "7"]), ("own", ["0", "1"])]:
+        out = tmp_path / name
+        shutil.copytree(start, out)
+        args = ["--recipe", "tiny", "--out", str(out), *small, "--steps", "1", "--resume"]
+        args += ["--data-seed", seeds[0], "--conversation-seed", seeds[1]]
+        weights[name] = load_file(train(parse_args(args)) / "model.safetensors")
+    assert weights["data"].keys() == weights["talk"].keys()
+    assert all(torch.equal(weights["data"][k], weights["talk"][k]) for k in weights["data"])
+    assert not all(torch.equal(weights["own"][k], weights["talk"][k]) for k in weights["own"])
+
+
 def colour_data(folder):
     """Four one-image conversations in the original jsonl format; returns the jsonl's path."""
     (folder / "images").mkdir(parents=True)
