@@ -2339,14 +2339,17 @@ def _save(
 # stages. The vision stage teaches the tower (with the object probe) and the abstractor beside it
 # (with the query probe and its tally) and ends with a checkpoint; then the tower is frozen and the
 # rest trains with the query, order, reference, grounding, binding, summary (with counts), answer,
-# comparison, relation and count probes, fading over the last half of the steps, tokens as prompted,
-# in batches of about one length, with extra comparisons in two-image conversations; the exported
-# weights are their moving average over about the last hundred steps.
+# comparison, relation and count probes, fading over the last half of the steps, tokens as prompted
+# (half the earlier answers as the chat asks for them), in batches of about one length, with extra
+# comparisons in two-image conversations; the exported weights are their moving average over about
+# the last hundred steps. The conversations are drawn from their own seed, the vision stage's
+# pictures and the tokenizer's corpus from the data seed.
 TINY_RECIPE = {
     "config": "owl-tiny",
     "data": "synthetic",
     "stage": "all",
     "tokenization": "prompt",
+    "asked_answers": 0.5,
     "augment": "none",
     "vision_steps": 2600,
     "vision_batch_size": 32,
@@ -2388,6 +2391,7 @@ TINY_RECIPE = {
     "max_minutes": 45.0,
     "seed": 0,
     "data_seed": 0,
+    "conversation_seed": 1,
     "device": "cpu",
     "dtype": "float32",
     "autocast": "bfloat16",
