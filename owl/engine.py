@@ -831,6 +831,7 @@ class Engine:
 
         return pick
 
+    @torch.inference_mode()  # also from the loop, when a request joins or leaves mid-answer
     def _land_flight(self) -> None:
         flight, self._flight = self._flight, None
         if flight is not None:

@@ -120,6 +120,30 @@ def test_pipelined_steps_give_the_same_answers_as_alone_while_the_batch_changes(
     assert followed  # the pipelined path really ran
 
 
+def test_a_request_joins_and_another_stops_while_a_fixed_shape_step_is_in_flight(loaded):
+    """Between pipelined steps one is always in flight; a request that arrives, or one stopped,
+    while another is answering lands it from the worker's loop. The running answer goes on as
+    it would alone (it used to fail: its token history, made for inference, was written outside it)."""
+    params = GenerationParams(max_new_tokens=150, ignore_eos=True)
+    first, second = request(loaded, 60), request(loaded, 61)
+    expected = [alone(loaded, ids, pixels, params) for ids, pixels in (first, second)]
+    settings = EngineSettings(max_batch=4, static_decode=True, max_seq_len=256)
+    with Engine(loaded, settings) as engine:
+        running = engine.submit(*first, params)
+        stream = iter(running)
+        next(stream), next(stream)  # it is answering, a step in flight
+        joining = engine.submit(*second, params)
+        joined = iter(joining)  # (a stream dropped unread stops its request: keep it)
+        next(joined)
+        stopped = engine.submit(*request(loaded, 62), LONG)
+        next(iter(stopped))
+        stopped.cancel()
+        running.text(), joining.text()
+        assert stopped.done.wait(5) and stopped.stats.finish_reason == "cancelled"
+    assert running.stats.finish_reason == joining.stats.finish_reason == "length"
+    assert [running.stats.tokens, joining.stats.tokens] == expected
+
+
 def test_a_lone_prompt_on_an_idle_engine_is_prefilled_in_a_fixed_shape_step(loaded):
     """On a GPU that step is a captured graph per 64-token length bucket; the answers do not change."""
     requests = [request(loaded, seed, images=images) for seed, images in ((50, 0), (51, 3), (52, 6))]
