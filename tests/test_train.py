@@ -91,10 +91,10 @@ def test_asked_answers_train_earlier_answers_after_the_space_a_chat_asks_with():
         said = [t for t, label in zip(*asked, strict=True) if label not in (IGNORE, tokenizer.eos_token_id)]
         told = [t for t, label in zip(*plain, strict=True) if label not in (IGNORE, tokenizer.eos_token_id)]
         assert tokenizer.decode(said).replace(" ", "") == tokenizer.decode(told).replace(" ", "")
-        ends = sum(label == tokenizer.eos_token_id for label in asked[1])
-        assert ends == text.count("AI: ")  # one end per answer, where plain has one for the last
-        assert sum(label == tokenizer.eos_token_id for label in plain[1]) == 1
         answers = text.count("AI: ")
+        ends = sum(label == tokenizer.eos_token_id for label in asked[1])
+        assert ends == answers  # one end per answer, where plain has one for the last
+        assert sum(label == tokenizer.eos_token_id for label in plain[1]) == 1
         assert len(asked[0]) == len(plain[0]) + answers - 1  # one space token per earlier answer
         half = tokenize_as_prompted(text, tokenizer, 4, 4096, asked=0.5)
         assert half == tokenize_as_prompted(text, tokenizer, 4, 4096, asked=0.5)
