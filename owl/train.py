@@ -1649,14 +1649,15 @@ def vision_layouts(seed: int, first: int, count: int, min_objects: int = 1):
 
 
 def pretrain_vision(
-    model, processor, settings: TrainSettings, device
+    model, processor, settings: TrainSettings, device, started: float | None = None
 ) -> tuple[ObjectProbe, QueryProbe | None]:
     """The vision stage of the embedded model's recipe: the vision tower alone learns to tell each
     object's shape, colour and size (the role CLIP pretraining plays for the real tower), before
     the language model joins. With ``settings.vision_abstractor`` the query tokens and abstractor
     train beside it, each query asked for the object in its cell (:class:`QueryProbe`), so that the
     tower learns to show shapes in a form the queries can gather. Returns the trained probes, for
-    the next stage to keep using."""
+    the next stage to keep using. ``started``: when the run began, for its time budget (which this
+    stage does not stop for: it is judged only by its pace)."""
     from tqdm import tqdm
 
     tower = model.vision_model
@@ -1678,6 +1679,14 @@ def pretrain_vision(
     batch = settings.vision_batch_size
     model.train()
     progress = tqdm(range(settings.vision_steps), desc="vision stage", file=sys.stderr)
+    pace = Pace(
+        "vision stage",
+        0,
+        settings.vision_steps,
+        time.monotonic() if started is None else started,
+        settings.max_minutes,
+        "it runs to its end all the same, and the language stage then stops after its first step",
+    )
     for step in progress:
         drawn = list(vision_layouts(settings.data_seed, step * batch, batch, settings.vision_min_objects))
         pixels = torch.stack([processor.pixels(image) for _, _, image in drawn]).to(device)
@@ -1693,6 +1702,7 @@ def pretrain_vision(
         optimizer.step()
         scheduler.step()
         progress.set_postfix(loss=f"{loss.item():.3f}")
+        pace.step(step + 1)
         if (step + 1) % settings.eval_every == 0 or step + 1 == settings.vision_steps:
             model.eval()
             with torch.no_grad():
@@ -1952,6 +1962,13 @@ def train(settings: TrainSettings) -> Path:
     if resuming and settings.stage != "lora":  # LoRA resumes from its base plus the saved adapters
         settings = dataclasses.replace(settings, init=str(out / "latest"))
     model, tokenizer, processor, device = build_start(settings)
+    if device.type == "cpu" and settings.autocast == "bfloat16" and not native_bfloat16():
+        tqdm.write(
+            "this CPU has no fast bfloat16 arithmetic for PyTorch (it needs AVX-512 or AMX): under "
+            "--autocast bfloat16 each step takes many times as long as in float32; --autocast none "
+            "trains in float32 (weights then differ from a bfloat16 run's)",
+            file=sys.stderr,
+        )
     if device.type == "cpu":
         write_out_attention(model)
     model = set_stage(model, settings.stage, lora_r=settings.lora_r)
@@ -1964,7 +1981,7 @@ def train(settings: TrainSettings) -> Path:
     synthetic = settings.data in (None, "synthetic")
     vision_done = settings.vision_steps and synthetic and not settings.init and not resuming
     trained, trained_queries = (
-        pretrain_vision(model, processor, settings, device) if vision_done else (None, None)
+        pretrain_vision(model, processor, settings, device, started) if vision_done else (None, None)
     )
     if settings.freeze_vision:
         model.vision_model.requires_grad_(False)
@@ -2071,6 +2088,9 @@ def train(settings: TrainSettings) -> Path:
     progress = tqdm(
         range(start_step, steps), initial=start_step, total=steps, desc="training", file=sys.stderr
     )
+    pace = Pace(
+        "training", start_step, steps, started, settings.max_minutes, "it would stop near step {last}"
+    )
     losses: list[float] = []
     for step in progress:
         optimizer.zero_grad(set_to_none=True)
@@ -2102,6 +2122,7 @@ def train(settings: TrainSettings) -> Path:
         progress.set_postfix(
             loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}"
         )
+        pace.step(done)
         if eval_data is not None and (done % settings.eval_every == 0 or done == steps):
             eval_loss = evaluate_loss(model, eval_data, settings, tokenizer, processor, tokenize, device)
             tqdm.write(
@@ -2251,6 +2272,55 @@ def _autocast(settings: TrainSettings, device):
     """Mixed precision where ``--autocast bfloat16`` asks for it (weights and optimiser stay float32)."""
     enabled = settings.autocast == "bfloat16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def native_bfloat16() -> bool:
+    """Whether PyTorch multiplies bfloat16 matrices on this CPU with its fast kernels (oneDNN's, on
+    AVX-512 or AMX). Without them (an AVX2-only CPU) it falls back to a plain loop, and a step under
+    ``--autocast bfloat16`` takes many times as long as in float32. True where it cannot tell."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
+def _minutes(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60} min" if minutes >= 60 else f"{max(minutes, 1)} min"
+
+
+class Pace:
+    """Whether a stage's pace fits the run's time budget (``--max-minutes``, counted from the run's
+    start), judged once, after its first ``after`` steps: a run that cannot finish in time says so
+    then, not when its budget is spent. ``then`` says what running past it costs."""
+
+    def __init__(self, stage: str, first: int, total: int, started: float, minutes: float | None, then: str):
+        self.stage, self.first, self.total, self.then = stage, first, total, then
+        self.started, self.minutes = started, minutes
+        self.after = min(10, total - first)
+        self.stage_started = time.monotonic()
+        self.judged = minutes is None or self.after <= 0
+
+    def step(self, done: int) -> None:
+        """After step ``done`` (counted over the whole stage, from 0)."""
+        if self.judged or done - self.first < self.after:
+            return
+        self.judged = True
+        now = time.monotonic()
+        per_step = (now - self.stage_started) / (done - self.first)
+        end = now + per_step * (self.total - done)
+        budget_end = self.started + self.minutes * 60
+        if end <= budget_end:
+            return
+        last = done + int((budget_end - now) / per_step)
+        from tqdm import tqdm
+
+        tqdm.write(
+            f"{self.stage}: {per_step:.2f} s a step; at this pace its {self.total} steps end about "
+            f"{_minutes(end - self.started)} after the start, past the {self.minutes:g}-minute budget "
+            f"(--max-minutes): {self.then.format(last=max(last, done + 1))}",
+            file=sys.stderr,
+        )
 
 
 def _loss(model, batch: Batch, device) -> torch.Tensor:

@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import random
+import re
 import shutil
 
 import pytest
@@ -1451,6 +1452,43 @@ def test_the_tiny_recipe_runs_its_stages_and_resumes(tmp_path):
     assert tower and all(torch.equal(weights[k], after_two[k]) for k in tower)  # frozen after its stage
     assert not torch.equal(weights["abstractor.visual_fc.weight"], after_two["abstractor.visual_fc.weight"])
     assert not any("probe" in k or k.startswith(("object.", "query.", "order.")) for k in weights)
+
+
+def test_a_run_that_cannot_keep_to_its_time_budget_says_so_after_its_first_steps(
+    tmp_path, capsys, monkeypatch
+):
+    """A stage whose pace runs past --max-minutes says so after its first ten steps, with where the
+    budget will stop the run; mixed precision on a CPU without fast bfloat16 is named before
+    anything trains, and a float32 run there is not warned."""
+    import owl.train
+
+    monkeypatch.setattr(owl.train, "native_bfloat16", lambda: False)
+    small = ["--config", "tiny", "--batch-size", "2", "--vision-batch-size", "2", "--easy-steps", "1"]
+    small += ["--eval-every", "100000", "--save-every", "100000", "--threads", "1"]
+    budget = ["--max-minutes", "0.0001", "--vision-steps", "12", "--steps", "30"]
+    train(parse_args(["--recipe", "tiny", "--out", str(tmp_path / "a"), *small, *budget]))
+    said = capsys.readouterr().err
+    assert "this CPU has no fast bfloat16 arithmetic" in said
+    assert re.search(
+        r"vision stage: [\d.]+ s a step; at this pace its 12 steps end about \d+ min after the start, "
+        r"past the 0\.0001-minute budget \(--max-minutes\): it runs to its end all the same, and the "
+        r"language stage then stops after its first step",
+        said,
+    )
+    assert "stopping at step 1:" in said
+    assert not re.search(r"training: [\d.]+ s a step", said)  # stopped before its pace was judged
+
+    budget = ["--max-minutes", "0.1", "--vision-steps", "0", "--steps", "1000000", "--autocast", "none"]
+    train(parse_args(["--recipe", "tiny", "--out", str(tmp_path / "b"), *small, *budget]))
+    said = capsys.readouterr().err
+    assert "bfloat16" not in said and not re.search(r"vision stage: [\d.]+ s a step", said)
+    foreseen = re.search(
+        r"training: [\d.]+ s a step; at this pace its 1000000 steps end about .+ after the "
+        r"start, past the 0\.1-minute budget \(--max-minutes\): it would stop near step (\d+)",
+        said,
+    )
+    stopped = re.search(r"stopping at step (\d+):", said)
+    assert foreseen and stopped and int(foreseen[1]) > 10 and 10 < int(stopped[1]) < 1000000
 
 
 def test_probes_fade_to_nothing_over_the_last_part_of_a_run(tmp_path):
