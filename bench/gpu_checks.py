@@ -1,7 +1,8 @@
 """Checks that need a CUDA GPU; bench/gpu.sh runs them before the 7B benchmark.
 
 1. The reference fixtures (outputs of the original code) reproduce token for token on the GPU.
-2. The engine with CUDA-graph decode steps gives the same greedy tokens batched as alone.
+2. The engine with CUDA-graph decode steps gives the same greedy tokens batched as alone, and
+   when requests join or stop while others answer.
 3. 8-bit and 4-bit weights (bitsandbytes): memory used and agreement with 16-bit logits.
 Each check prints PASS or FAIL with its numbers and never stops the others.
 """
@@ -12,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -141,6 +143,50 @@ def graphs():
     return (
         same == len(requests) and wanted,
         f"{same}/{len(requests)} equal; graphs captured for {captured}; layers compiled: {compiled}",
+    )
+
+
+@check("engine in CUDA graphs: requests that join or stop while others answer change no one's tokens (fp32)")
+def arrivals():
+    loaded = tiny_loaded()
+    generator = torch.Generator().manual_seed(1)
+    requests = []
+    for i in range(5):
+        ids = [1, *torch.randint(3, 300, (10 + 3 * i,), generator=generator).tolist(), *[-1] * 9, 5, 6]
+        requests.append((ids, torch.randn(1, 3, 56, 56, generator=generator)))
+    params = GenerationParams(max_new_tokens=60, ignore_eos=True)
+    alone = []
+    for ids, pixels in requests[:4]:
+        stats = GenerationStats()
+        list(stream_generate(loaded.model, loaded.tokenizer, ids, pixels, params, stats=stats))
+        alone.append(stats.tokens)
+    with Engine(loaded, EngineSettings(max_batch=4, static_decode=True)) as engine:
+        handles, streams = [], []
+        for ids, pixels in requests[:4]:  # each arrives once the ones before it have streamed 5 more pieces
+            for stream in streams:
+                for _ in range(5):
+                    next(stream)
+            handles.append(engine.submit(ids, pixels, params))
+            streams.append(iter(handles[-1]))
+            next(streams[-1])
+            if len(handles) == 2:  # and one is stopped while they answer
+                stopped = engine.submit(*requests[4], replace(params, max_new_tokens=500))
+                next(iter(stopped))
+                stopped.cancel()
+        for handle in handles:
+            handle.text()
+        stopped.done.wait(10)
+        compiled = engine._fused is not None and engine._fused.compiled
+    same = sum(h.stats.tokens == a for h, a in zip(handles, alone, strict=True))
+    reasons = [h.stats.finish_reason for h in handles]
+    wanted = DEVICE.type != "cuda" or compiled
+    return (
+        same == len(alone)
+        and reasons == ["length"] * 4
+        and stopped.stats.finish_reason == "cancelled"
+        and wanted,
+        f"{same}/{len(alone)} equal to alone; finished {reasons}, the stopped one "
+        f"{stopped.stats.finish_reason}; layers compiled: {compiled}",
     )
 
 
