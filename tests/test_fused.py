@@ -66,6 +66,19 @@ def test_fused_layers_compute_what_transformers_computes(fresh_model):
     assert caches[1].keys[0][1:3, :, :12].abs().sum() > 0  # the prompts and the step were written
 
 
+def test_the_fused_head_gives_the_models_logits_for_any_number_of_rows(fresh_model):
+    """On a CPU the head multiplies with its weights on the left (faster for a few rows there);
+    every row's logits are the language model's own, for one row and for a batch of them."""
+    fused = FusedLlama(fresh_model.language_model)
+    width = fresh_model.language_model.config.hidden_size
+    for rows, length in ((1, 1), (5, 1), (3, 7)):
+        hidden = torch.randn(rows, length, width, generator=torch.Generator().manual_seed(rows))
+        expected = fresh_model.language_model.lm_head(hidden)
+        got = fused.logits(hidden)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_merged_projections_share_the_models_own_weights(fresh_model, tokenizer, tmp_path):
     lm = fresh_model.language_model
     ids = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(0))
