@@ -117,20 +117,32 @@ def tiny_loaded(dtype=torch.float32) -> Loaded:
     )
 
 
-@check("engine with compiled fused layers in CUDA graphs: batched greedy equals alone (fp32)")
-def graphs():
-    loaded = tiny_loaded()
-    generator = torch.Generator().manual_seed(0)
+def tiny_requests(count: int, seed: int, lengths) -> list:
+    """Prompts for ``tiny_loaded``: BOS, ``lengths(i)`` random text ids, one image, two more ids."""
+    generator = torch.Generator().manual_seed(seed)
     requests = []
-    for i in range(6):
-        ids = [1, *torch.randint(3, 300, (12 + i,), generator=generator).tolist(), *[-1] * 9, 5, 6]
+    for i in range(count):
+        ids = [1, *torch.randint(3, 300, (lengths(i),), generator=generator).tolist(), *[-1] * 9, 5, 6]
         requests.append((ids, torch.randn(1, 3, 56, 56, generator=generator)))
-    params = GenerationParams(max_new_tokens=40, ignore_eos=True)
-    alone = []
+    return requests
+
+
+def alone_tokens(loaded: Loaded, requests, params: GenerationParams) -> list[list[int]]:
+    """Each request's tokens generated on its own, without the engine."""
+    tokens = []
     for ids, pixels in requests:
         stats = GenerationStats()
         list(stream_generate(loaded.model, loaded.tokenizer, ids, pixels, params, stats=stats))
-        alone.append(stats.tokens)
+        tokens.append(stats.tokens)
+    return tokens
+
+
+@check("engine with compiled fused layers in CUDA graphs: batched greedy equals alone (fp32)")
+def graphs():
+    loaded = tiny_loaded()
+    requests = tiny_requests(6, 0, lambda i: 12 + i)
+    params = GenerationParams(max_new_tokens=40, ignore_eos=True)
+    alone = alone_tokens(loaded, requests, params)
     with Engine(loaded, EngineSettings(max_batch=4, static_decode=True)) as engine:
         handles = [engine.submit(ids, pixels, params) for ids, pixels in requests]
         for handle in handles:
@@ -149,17 +161,9 @@ def graphs():
 @check("engine in CUDA graphs: requests that join or stop while others answer change no one's tokens (fp32)")
 def arrivals():
     loaded = tiny_loaded()
-    generator = torch.Generator().manual_seed(1)
-    requests = []
-    for i in range(5):
-        ids = [1, *torch.randint(3, 300, (10 + 3 * i,), generator=generator).tolist(), *[-1] * 9, 5, 6]
-        requests.append((ids, torch.randn(1, 3, 56, 56, generator=generator)))
+    requests = tiny_requests(5, 1, lambda i: 10 + 3 * i)
     params = GenerationParams(max_new_tokens=60, ignore_eos=True)
-    alone = []
-    for ids, pixels in requests[:4]:
-        stats = GenerationStats()
-        list(stream_generate(loaded.model, loaded.tokenizer, ids, pixels, params, stats=stats))
-        alone.append(stats.tokens)
+    alone = alone_tokens(loaded, requests[:4], params)
     with Engine(loaded, EngineSettings(max_batch=4, static_decode=True)) as engine:
         handles, streams = [], []
         for ids, pixels in requests[:4]:  # each arrives once the ones before it have streamed 5 more pieces
