@@ -2318,7 +2318,7 @@ class Pace:
         tqdm.write(
             f"{self.stage}: {per_step:.2f} s a step; at this pace its {self.total} steps end about "
             f"{_minutes(end - self.started)} after the start, past the {self.minutes:g}-minute budget "
-            f"(--max-minutes): {self.then.format(last=max(last, done + 1))}",
+            f"(--max-minutes): {self.then.format(last=max(last, done))}",
             file=sys.stderr,
         )
 
