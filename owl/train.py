@@ -2129,9 +2129,7 @@ def train(settings: TrainSettings) -> Path:
                 f"step {done}: train loss {sum(losses[-50:]) / len(losses[-50:]):.4f}, eval loss {eval_loss:.4f}",
                 file=sys.stderr,
             )
-        out_of_time = (
-            settings.max_minutes is not None and time.monotonic() - started > settings.max_minutes * 60
-        )
+        out_of_time = pace.spent()
         if done % settings.save_every == 0 or done == steps or out_of_time:
             _save(model, tokenizer, optimizer, scheduler, done, out, settings, probes, average)
         if out_of_time:
@@ -2290,13 +2288,15 @@ def _minutes(seconds: float) -> str:
 
 
 class Pace:
-    """Whether a stage's pace fits the run's time budget (``--max-minutes``, counted from the run's
-    start), judged once, after its first ``after`` steps: a run that cannot finish in time says so
-    then, not when its budget is spent. ``then`` says what running past it costs."""
+    """A stage's view of the run's time budget (``--max-minutes``, counted from the run's start):
+    whether it is spent, and whether the stage's pace fits it, judged once, after its first
+    ``after`` steps, so that a run that cannot finish in time says so then, not when its budget is
+    spent. ``then`` says what running past it costs."""
 
     def __init__(self, stage: str, first: int, total: int, started: float, minutes: float | None, then: str):
         self.stage, self.first, self.total, self.then = stage, first, total, then
         self.started, self.minutes = started, minutes
+        self.deadline = None if minutes is None else started + minutes * 60
         self.after = min(10, total - first)
         self.stage_started = time.monotonic()
         self.judged = minutes is None or self.after <= 0
@@ -2309,10 +2309,9 @@ class Pace:
         now = time.monotonic()
         per_step = (now - self.stage_started) / (done - self.first)
         end = now + per_step * (self.total - done)
-        budget_end = self.started + self.minutes * 60
-        if end <= budget_end:
+        if end <= self.deadline:
             return
-        last = done + int((budget_end - now) / per_step)
+        last = done + int((self.deadline - now) / per_step)
         from tqdm import tqdm
 
         tqdm.write(
@@ -2321,6 +2320,10 @@ class Pace:
             f"(--max-minutes): {self.then.format(last=max(last, done))}",
             file=sys.stderr,
         )
+
+    def spent(self) -> bool:
+        """Whether the run's time budget is spent."""
+        return self.deadline is not None and time.monotonic() > self.deadline
 
 
 def _loss(model, batch: Batch, device) -> torch.Tensor:
