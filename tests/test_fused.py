@@ -11,7 +11,7 @@ from torch import nn
 
 from owl.checkpoint import load, save_export
 from owl.engine import Engine, EngineSettings, SlotCache
-from owl.fused import FusedLlama
+from owl.fused import FusedLlama, decoder_layer
 from owl.model import OwlModel
 from owl.processing import encode_prompt
 from owl.sampling import GenerationParams
@@ -43,27 +43,31 @@ def transformers_hidden(lm, cache, embeds, positions, mask, rows, first):
     ).last_hidden_state
 
 
-def test_fused_layers_compute_what_transformers_computes(fresh_model):
-    """To float32's rounding: on a CPU a few rows' products run with the weights on the left."""
+@pytest.mark.parametrize("layer, atol", [("as a GPU runs it", 1e-6), ("as a CPU runs it", 1e-5)])
+def test_fused_layers_compute_what_transformers_computes(fresh_model, layer, atol):
+    """Op for op with ``F.linear``, as a GPU runs the layer; on a CPU (the default here) a few rows'
+    products run with the weights on the left, the same to float32's rounding."""
     lm = fresh_model.language_model
     config = lm.config
     caches = [SlotCache(config, 4, 64, torch.device("cpu"), torch.float32) for _ in range(2)]
     fused = FusedLlama(lm)
+    if layer == "as a GPU runs it":
+        fused.layer = decoder_layer
     with torch.no_grad():
         # Prefill two prompts of different lengths into slots 1 and 2, then one decode step of both.
         embeds, positions, mask, rows = prefill_inputs([7, 11], config.hidden_size, first=1)
         expected = transformers_hidden(lm, caches[0], embeds, positions, mask, rows, 1)
         got = fused.hidden(embeds, positions, mask, caches[1], rows, 1)
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(got, expected, rtol=0, atol=atol)
         step = torch.tensor([[7], [11]])
         step_mask = torch.arange(16).view(1, 1, 1, -1) <= step.view(-1, 1, 1, 1)
         token = torch.randn(2, 1, config.hidden_size)
         expected = transformers_hidden(lm, caches[0], token, step, step_mask, rows, 1)
         got = fused.hidden(token, step, step_mask, caches[1], rows, 1)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=atol)
     for layer in range(config.num_hidden_layers):
-        torch.testing.assert_close(caches[1].keys[layer], caches[0].keys[layer], rtol=0, atol=1e-5)
-        torch.testing.assert_close(caches[1].values[layer], caches[0].values[layer], rtol=0, atol=1e-5)
+        torch.testing.assert_close(caches[1].keys[layer], caches[0].keys[layer], rtol=0, atol=atol)
+        torch.testing.assert_close(caches[1].values[layer], caches[0].values[layer], rtol=0, atol=atol)
     assert caches[1].keys[0][1:3, :, :12].abs().sum() > 0  # the prompts and the step were written
 
 
