@@ -1465,7 +1465,7 @@ def test_a_run_that_cannot_keep_to_its_time_budget_says_so_after_its_first_steps
     monkeypatch.setattr(owl.train, "native_bfloat16", lambda: False)
     small = ["--config", "tiny", "--batch-size", "2", "--vision-batch-size", "2", "--easy-steps", "1"]
     small += ["--eval-every", "100000", "--save-every", "100000", "--threads", "1"]
-    budget = ["--max-minutes", "0.0001", "--vision-steps", "12", "--steps", "30"]
+    budget = ["--max-minutes", "0.0001", "--vision-steps", "12", "--steps", "30", "--autocast", "bfloat16"]
     train(parse_args(["--recipe", "tiny", "--out", str(tmp_path / "a"), *small, *budget]))
     said = capsys.readouterr().err
     assert "this CPU has no fast bfloat16 arithmetic" in said
