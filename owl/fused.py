@@ -151,8 +151,12 @@ class FusedLlama:
                         mlp.down_proj.weight,
                     )
                 )
-        self.cpu = language_model.device.type == "cpu"
-        self.eager = functools.partial(decoder_layer, linear=few_rows_linear) if self.cpu else decoder_layer
+        cpu = language_model.device.type == "cpu"
+        self.eager = functools.partial(decoder_layer, linear=few_rows_linear) if cpu else decoder_layer
+        head = language_model.lm_head
+        plain = type(head) is nn.Linear and head.bias is None  # not a quantised or biased head
+        # 8 rows of an 8,000-token head on a CPU: 1.3 ms with the weights on the left, not 3.3.
+        self.head = functools.partial(few_rows_linear, weight=head.weight) if cpu and plain else head
         self.layer = self.eager
         self.norm = rms_norm
         self.compiled = False
@@ -251,7 +255,4 @@ class FusedLlama:
         return self.norm(h, self.lm.model.norm.weight, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.lm.lm_head
-        if not self.cpu or type(head) is not nn.Linear or head.bias is not None:
-            return head(hidden)
-        return few_rows_linear(hidden, head.weight)  # 8 rows of an 8,000-token head: 1.3 ms, not 3.3
+        return self.head(hidden)
