@@ -1454,6 +1454,49 @@ def test_the_tiny_recipe_runs_its_stages_and_resumes(tmp_path):
     assert not any("probe" in k or k.startswith(("object.", "query.", "order.")) for k in weights)
 
 
+def test_a_recipe_run_killed_after_a_checkpoint_resumes_to_the_weights_of_one_never_stopped(
+    tmp_path, monkeypatch
+):
+    """Fixed seeds and resumable checkpoints together: a run of the tiny recipe killed right after
+    its checkpoint at step 2 and started again with --resume exports, bit for bit, the weights (the
+    average and the weights as trained) and the tokenizer of the same run never stopped."""
+    from safetensors.torch import load_file
+
+    import owl.train
+
+    small = ["--config", "tiny", "--batch-size", "2", "--vision-batch-size", "4", "--vision-steps", "2"]
+    small += ["--easy-steps", "1", "--eval-every", "100", "--save-every", "2", "--threads", "1"]
+    small += ["--steps", "5", "--warmup", "2"]  # the schedule and the probes' fade both move
+    straight = train(parse_args(["--recipe", "tiny", "--out", str(tmp_path / "straight"), *small]))
+
+    save = owl.train._save
+
+    def save_then_die(model, tokenizer, optimizer, scheduler, step, *rest, **named):
+        save(model, tokenizer, optimizer, scheduler, step, *rest, **named)
+        if step == 2:
+            raise KeyboardInterrupt  # as a Ctrl-C right after the checkpoint
+
+    monkeypatch.setattr(owl.train, "_save", save_then_die)
+    args = ["--recipe", "tiny", "--out", str(tmp_path / "stopped"), *small]
+    with pytest.raises(KeyboardInterrupt):
+        train(parse_args(args))
+    monkeypatch.setattr(owl.train, "_save", save)
+    assert torch.load(tmp_path / "stopped" / "training_state.pt", weights_only=True)["step"] == 2
+    resumed = train(parse_args([*args, "--resume"]))
+
+    for folder in ("final", "final-unaveraged"):
+        ours = load_file(straight.parent / folder / "model.safetensors")
+        theirs = load_file(resumed.parent / folder / "model.safetensors")
+        assert ours.keys() == theirs.keys() and len(ours) > 50
+        differ = [key for key in ours if not torch.equal(ours[key], theirs[key])]
+        assert not differ, f"{folder}: {len(differ)} tensors differ, {differ[:3]}"
+    assert (straight / "tokenizer.model").read_bytes() == (resumed / "tokenizer.model").read_bytes()
+    averaged = load_file(straight / "model.safetensors")
+    trained = load_file(straight.parent / "final-unaveraged" / "model.safetensors")
+    key = "abstractor.visual_fc.weight"
+    assert not torch.equal(averaged[key], trained[key])  # two exports compared, not one twice
+
+
 def test_a_run_that_cannot_keep_to_its_time_budget_says_so_after_its_first_steps(
     tmp_path, capsys, monkeypatch
 ):
