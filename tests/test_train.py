@@ -1454,12 +1454,14 @@ def test_the_tiny_recipe_runs_its_stages_and_resumes(tmp_path):
     assert not any("probe" in k or k.startswith(("object.", "query.", "order.")) for k in weights)
 
 
+@pytest.mark.parametrize("killed_at", [0, 2])
 def test_a_recipe_run_killed_after_a_checkpoint_resumes_to_the_weights_of_one_never_stopped(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, killed_at
 ):
     """Fixed seeds and resumable checkpoints together: a run of the tiny recipe killed right after
-    its checkpoint at step 2 and started again with --resume exports, bit for bit, the weights (the
-    average and the weights as trained) and the tokenizer of the same run never stopped."""
+    a checkpoint (at the end of its vision stage, step 0, or at step 2 of the language stage) and
+    started again with --resume exports, bit for bit, the weights (the average and the weights as
+    trained) and the tokenizer of the same run never stopped."""
     from safetensors.torch import load_file
 
     import owl.train
@@ -1473,7 +1475,7 @@ def test_a_recipe_run_killed_after_a_checkpoint_resumes_to_the_weights_of_one_ne
 
     def save_then_die(model, tokenizer, optimizer, scheduler, step, *rest, **named):
         save(model, tokenizer, optimizer, scheduler, step, *rest, **named)
-        if step == 2:
+        if step == killed_at:
             raise KeyboardInterrupt  # as a Ctrl-C right after the checkpoint
 
     monkeypatch.setattr(owl.train, "_save", save_then_die)
@@ -1481,7 +1483,7 @@ def test_a_recipe_run_killed_after_a_checkpoint_resumes_to_the_weights_of_one_ne
     with pytest.raises(KeyboardInterrupt):
         train(parse_args(args))
     monkeypatch.setattr(owl.train, "_save", save)
-    assert torch.load(tmp_path / "stopped" / "training_state.pt", weights_only=True)["step"] == 2
+    assert torch.load(tmp_path / "stopped" / "training_state.pt", weights_only=True)["step"] == killed_at
     resumed = train(parse_args([*args, "--resume"]))
 
     for folder in ("final", "final-unaveraged"):
