@@ -501,6 +501,24 @@ def _load_processor(resolved: Resolved, config: OwlConfig, allow_urls: bool) -> 
 # --- export --------------------------------------------------------------------------------------
 
 
+def sort_safetensors_metadata(path: str | Path) -> None:
+    """Rewrite a safetensors file's header (in place, its length unchanged) with the metadata in
+    sorted order. The library writes the metadata from a hash map whose order changes from process
+    to process, so the same weights saved twice would differ in those bytes alone; sorted, the same
+    tensors and metadata make the same file, and a rebuilt model can be checked by its checksum."""
+    with open(path, "r+b") as file:
+        size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(size))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) > size:  # the same entries in another order: never longer
+            raise CheckpointError(f"{path}: the header does not fit back in its {size} bytes")
+        file.seek(8)
+        file.write(text.ljust(size))  # the library pads its header with spaces too
+
+
 def save_export(model: OwlModel, tokenizer: Any, folder: str | Path) -> Path:
     """Our layout: hub-schema config.json, model.safetensors, tokenizer.model. ``load`` reads it back."""
     from safetensors.torch import save_file
@@ -521,9 +539,9 @@ def save_export(model: OwlModel, tokenizer: Any, folder: str | Path) -> Path:
             # safetensors stores each tensor on its own.
             value = value.clone()
         state[key] = value
-    save_file(
-        state, str(folder / "model.safetensors"), metadata={"format": "pt", "owl_layout": model.config.layout}
-    )
+    path = folder / "model.safetensors"
+    save_file(state, str(path), metadata={"format": "pt", "owl_layout": model.config.layout})
+    sort_safetensors_metadata(path)
     source = getattr(tokenizer, "path", None)
     if source is not None:
         source = Path(source)

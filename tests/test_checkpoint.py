@@ -85,6 +85,35 @@ def test_safetensors_export_reloads_bit_for_bit(tiny_model, tiny_export):
     assert torch.equal(logits_of(loaded.model), logits_of(tiny_model))
 
 
+def test_the_same_weights_make_the_same_file_in_every_process(tmp_path, tiny_export):
+    """safetensors writes its metadata in an order that changes from process to process; ours is
+    sorted, so the same tensors and metadata saved in three processes make one file byte for byte
+    (a rebuilt model is checked by its checksum), and it reads back whole."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    metadata = {name: name.upper() for name in ("owl_layout", "format", "b", "e", "a", "d")}
+    script = (
+        "import sys, torch\n"
+        "from safetensors.torch import save_file\n"
+        "from owl.checkpoint import sort_safetensors_metadata\n"
+        "tensors = {'w': torch.arange(6.0).reshape(2, 3), 'b': torch.ones(3)}\n"
+        f"save_file(tensors, sys.argv[1], metadata={metadata!r})\n"
+        "sort_safetensors_metadata(sys.argv[1])\n"
+    )
+    paths = [tmp_path / f"{n}.safetensors" for n in range(3)]
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(path)]) for path in paths]
+    assert [run.wait(timeout=120) for run in runs] == [0, 0, 0]
+    assert paths[0].read_bytes() == paths[1].read_bytes() == paths[2].read_bytes()
+    with safe_open(str(paths[0]), "pt") as file:
+        assert file.metadata() == metadata
+        assert torch.equal(file.get_tensor("w"), torch.arange(6.0).reshape(2, 3))
+    header = (tiny_export / "model.safetensors").read_bytes()[8:80]
+    assert header.startswith(b'{"__metadata__":{"format":"pt","owl_layout":"hub"}')  # save_export's
+
+
 def test_sharded_safetensors_with_index(tmp_path, tiny_model, tokenizer_file):
     state = {k: v.contiguous() for k, v in tiny_model.state_dict().items() if "rotary" not in k}
     keys = sorted(state)
