@@ -512,7 +512,7 @@ def sort_safetensors_metadata(path: str | Path) -> None:
         if "__metadata__" not in header:
             return
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        text = json.dumps(header, separators=(",", ":")).encode()
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()  # as the library writes
         if len(text) > size:  # the same entries in another order: never longer
             raise CheckpointError(f"{path}: the header does not fit back in its {size} bytes")
         file.seek(8)

@@ -95,6 +95,7 @@ def test_the_same_weights_make_the_same_file_in_every_process(tmp_path, tiny_exp
     from safetensors import safe_open
 
     metadata = {name: name.upper() for name in ("owl_layout", "format", "b", "e", "a", "d")}
+    metadata["c"] = "größer, grün"  # written as UTF-8, as the library writes it, not escaped (longer)
     script = (
         "import sys, torch\n"
         "from safetensors.torch import save_file\n"
