@@ -1486,15 +1486,15 @@ def test_a_recipe_run_killed_after_a_checkpoint_resumes_to_the_weights_of_one_ne
     assert torch.load(tmp_path / "stopped" / "training_state.pt", weights_only=True)["step"] == killed_at
     resumed = train(parse_args([*args, "--resume"]))
 
+    exported = {}
     for folder in ("final", "final-unaveraged"):
-        ours = load_file(straight.parent / folder / "model.safetensors")
+        ours = exported[folder] = load_file(straight.parent / folder / "model.safetensors")
         theirs = load_file(resumed.parent / folder / "model.safetensors")
         assert ours.keys() == theirs.keys() and len(ours) > 50
         differ = [key for key in ours if not torch.equal(ours[key], theirs[key])]
         assert not differ, f"{folder}: {len(differ)} tensors differ, {differ[:3]}"
     assert (straight / "tokenizer.model").read_bytes() == (resumed / "tokenizer.model").read_bytes()
-    averaged = load_file(straight / "model.safetensors")
-    trained = load_file(straight.parent / "final-unaveraged" / "model.safetensors")
+    averaged, trained = exported["final"], exported["final-unaveraged"]
     key = "abstractor.visual_fc.weight"
     assert not torch.equal(averaged[key], trained[key])  # two exports compared, not one twice
 
