@@ -343,7 +343,15 @@ def ask_count_colour(rng: random.Random, scene: Scene, ref: Ref) -> Asked | None
 
 
 def ask_count_shape(rng: random.Random, scene: Scene, ref: Ref) -> Asked | None:
-    """How many objects of a shape; absent shapes a quarter of the time, common shapes more often."""
+    """How many objects of a shape; absent shapes a quarter of the time, common shapes more often.
+
+    Tried and not kept, here and in :func:`ask_count_colour`: the objects counted named left to
+    right before the number ("An orange star and a blue star, so two."), each name asked to look
+    at its object as a description's are. A language stage trained so from the recipe's vision
+    stage, on 8,000 held-out questions (seed 4321), said the number that its own list held every
+    time, but the lists left objects out or took in one of another kind or colour: how many of a
+    shape 75.2 % against 86.2 % for the number alone, of a colour 80.3 % against 91.3 %.
+    """
     present = [s.kind for s in scene.shapes]
     absent = [k for k in SHAPE_KINDS if k not in present]
     kind = rng.choice(absent if absent and rng.random() < 0.25 else present)
