@@ -616,7 +616,7 @@ def ask_same_shapes(rng: random.Random, scenes: Sequence[Scene]) -> Asked | None
     stars, the second has stars, so no."), so that the comparison could read two lists of words.
     A language stage trained so from the recipe's vision stage, on the 393 of 8,000 held-out
     questions (seed 4321), gave the right verdict 82 % of the time against 69 % for "Yes."/"No."
-    at once, but the whole answer only 41 %: each picture's list was right 63 % of the time (it
+    at once, but the whole answer only 41.5 %: each picture's list was right 63 % of the time (it
     named a kind twice, or left one out), and one verdict in five disagreed with its own lists.
     """
     template = rng.choice(
