@@ -21,6 +21,17 @@ from dataclasses import dataclass, field
 
 from owl.params import GenerationParams
 
+# New tokens an answer may run past the longest gold answer of its evaluation: an answer that long
+# is wrong whatever follows, and no answer as long as the longest gold one is ever cut short.
+ANSWER_SLACK = 8
+
+
+def answer_budget(answers: Sequence[str], tokenizer) -> int:
+    """New tokens to generate in an evaluation of these gold ``answers``: the longest of them in
+    ``tokenizer``'s pieces, and :data:`ANSWER_SLACK` more (its end-of-sequence among them)."""
+    return max((len(tokenizer.encode(answer)) for answer in answers), default=0) + ANSWER_SLACK
+
+
 TWO_IMAGE_KINDS = ("which_image", "more_objects", "same_count", "same_shapes")
 
 
@@ -140,7 +151,7 @@ def evaluate(
     from owl.processing import encode_prompt
 
     items = eval_items(num, seed=seed, robust=robust, change=change, extra_turns=extra_turns)
-    params = GenerationParams(max_new_tokens=24)
+    params = GenerationParams(max_new_tokens=answer_budget([item.answer for item in items], loaded.tokenizer))
     # (kind, gold answer) -> [right, total, the wrong answers given]
     tallies: dict[tuple[str, str], list] = collections.defaultdict(lambda: [0, 0, collections.Counter()])
     places: dict[int, list[int]] = collections.defaultdict(lambda: [0, 0, 0])  # right, total, empty

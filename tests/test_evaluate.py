@@ -83,3 +83,17 @@ def test_by_turn_and_by_change_are_not_asked_together(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--num", "4", "--by-turn", "--by-change"])
     assert "leave out --by-change" in capsys.readouterr().err
+
+
+def test_answers_get_room_for_the_longest_gold_answer_and_its_end():
+    """A fixed cap cut long answers short and scored them wrong: the budget follows the answers."""
+    import owl
+
+    tokenizer = owl.load().tokenizer
+    short = "Yes."
+    long = ", ".join(["a red circle, a blue square and a green triangle on a white background"] * 3) + "."
+    assert len(tokenizer.encode(long)) > 40
+    budget = evaluate.answer_budget([short, long, "Two."], tokenizer)
+    assert budget > len(tokenizer.encode(long))  # the whole answer and its end-of-sequence
+    assert evaluate.answer_budget([short], tokenizer) < budget
+    assert evaluate.answer_budget([], tokenizer) == evaluate.ANSWER_SLACK
