@@ -591,6 +591,15 @@ class QueryProbe(torch.nn.Module):
     for every shape in 54 %. With the summary's counts beside it, the whole run answered 86.4 % of
     8,000 held-out questions against 85.4 % without either; with the tally alone (the language
     stage run again from the same vision stage), 85.3 %.
+
+    What the recipe's vision stage still gets wrong is cells that name a shape where no centre is.
+    On 1,000 held-out pictures (one to four objects), the cells were exactly right in 761: 263
+    empty cells named a shape, every one beside an object's cell (198 beside a large object), and
+    only 13 objects went unnamed. The language model inherits it: of the 137 wrong descriptions
+    among 8,000 held-out questions, 50 named an object twice and 32 named a fourth object in a
+    picture of three, and "how many objects?" said "Four." to 16 of 110 pictures of three. Tried
+    and not kept: "none" asked three times as firmly of the empty cells beside an object's (the
+    whole vision stage again): 751 pictures right, 266 such cells, 31 objects unnamed.
     """
 
     def __init__(self, width: int, queries: int, tally: bool = False):
