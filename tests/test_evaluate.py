@@ -87,9 +87,10 @@ def test_by_turn_and_by_change_are_not_asked_together(capsys):
 
 def test_answers_get_room_for_the_longest_gold_answer_and_its_end():
     """A fixed cap cut long answers short and scored them wrong: the budget follows the answers."""
-    import owl
+    from owl.checkpoint import DEFAULT_CHECKPOINT
+    from owl.tokenizer import load_tokenizer
 
-    tokenizer = owl.load().tokenizer
+    tokenizer = load_tokenizer(DEFAULT_CHECKPOINT)  # the embedded model's, without its weights
     short = "Yes."
     long = ", ".join(["a red circle, a blue square and a green triangle on a white background"] * 3) + "."
     assert len(tokenizer.encode(long)) > 40
